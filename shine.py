@@ -61,7 +61,7 @@ class ShineConfig:
     target_modules: tuple[str, ...] = LLAMA_LINEARS  # linears of a decoder layer, in the order LoRAs are cut (3.4)
     lora_scale: float = 1e-3  # s, generated update s * A @ B
     reshape_mode: str = "rl"  # how A and B are read from the memory vector (Appendix A.2)
-    meta_lora_init_std: float = 1e-3  # std of the Meta-LoRA's A at init (B = 0)
+    meta_lora_init_std: float = 1e-3 ** 0.5  # A ~ N(0, 1e-3) at init (variance, as the authors), B = 0
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)

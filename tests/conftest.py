@@ -10,14 +10,14 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))  # the scripts (train.py, evaluate.py, flops.py, data.py) live at the root
 
 
-def tiny_qwen3(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128):
+def tiny_qwen3(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128, init_range: float = 0.02):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=init_range,
     )
     return Qwen3ForCausalLM(config).eval()
 
