@@ -23,15 +23,18 @@ Notable choices:
   tokens (our reading of eq. 9's "the same 2-layer MLP"), like the authors' TransformerEncoderLayer.
 - Meta-LoRA, memory embeddings and positional embeddings follow the authors' init: A ~ N(0, 1e-3), B = 0
   (a no-op at first), zeros for the embeddings.
-- Hooks are removed when their `with` block ends, so Hugging Face's gradient checkpointing (which recomputes
-  layers during backward, outside that block) would silently drop the adapters: Shine refuses it.
+- Hooks are removed when their `with` block ends, but activation checkpointing recomputes layers during backward,
+  outside that block. `Shine.enable_activation_checkpointing` therefore re-attaches, during recomputation, the
+  hooks that were active in the forward pass; Hugging Face's own gradient checkpointing would drop them silently,
+  so Shine refuses it.
 """
 from __future__ import annotations
 
 import json
 import math
 import warnings
-from contextlib import contextmanager
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -270,6 +273,24 @@ def _layer_output(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _same_hooks_on_recompute(layer: nn.Module):
+    """checkpoint's context_fn: recompute `layer` with the forward hooks (LoRAs) its linears had in forward."""
+    saved = [(m, OrderedDict(m._forward_hooks)) for m in layer.modules() if m is not layer]
+
+    @contextmanager
+    def recompute():
+        current = [(m, m._forward_hooks) for m, _ in saved]
+        for m, hooks in saved:
+            m._forward_hooks = hooks
+        try:
+            yield
+        finally:
+            for m, hooks in current:
+                m._forward_hooks = hooks
+
+    return nullcontext(), recompute()
+
+
 # ----------------------------------------------------------------------------- M2P transformer
 class SelfAttention(nn.Module):
     """Bidirectional multi-head self-attention, q/k/v packed like torch's MultiheadAttention in_proj."""
@@ -384,6 +405,15 @@ class Shine(nn.Module):
             self.meta_lora = MetaLoRA(L, self.shapes, config.meta_lora_rank, config.meta_lora_init_std)
             self.m2p = M2PTransformer(L, M, H, config.m2p_layers, config.m2p_heads or _default_heads(H),
                                       config.m2p_mlp_ratio, config.m2p_norm_eps, config.m2p_first)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations, hooks included."""
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in decoder_layers(self.llm):
+            forward = layer.forward
+            layer.forward = lambda *args, _f=forward, _l=layer, **kw: checkpoint(
+                _f, *args, use_reentrant=False, context_fn=partial(_same_hooks_on_recompute, _l), **kw)
 
     def memory_states(self, context_ids: Tensor, context_mask: Tensor | None = None) -> Tensor:
         """Eqs. 1-3: context_ids, context_mask (B, N), left-padded -> memory states (B, L, M, H)."""

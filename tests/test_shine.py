@@ -326,3 +326,29 @@ def test_reconstruction_loss_falls_when_training_the_hypernetwork():
     with torch.no_grad():
         swapped = shine(texts.roll(1, 0), ones(texts), ids, ones(ids), labels).item()
     assert swapped > 10 * losses[-1]
+
+
+def test_activation_checkpointing_keeps_the_lora_hooks(qwen):
+    """Recomputation in backward must see the same Meta-LoRA and generated LoRA as the forward pass."""
+    torch.manual_seed(0)
+    shine = Shine(qwen, SMALL)
+    with torch.no_grad():
+        for p in shine.meta_lora.parameters():
+            p.normal_(0, 0.05)
+    ctx, q = torch.randint(0, 128, (2, 7)), torch.randint(0, 128, (2, 6))
+    labels = q.clone()
+    labels[:, :2] = -100
+    args = (ctx, torch.ones_like(ctx), q, torch.ones_like(q), labels)
+
+    def grads():
+        shine.zero_grad()
+        loss = shine(*args)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in shine.hypernetwork_state_dict().items()}
+
+    loss, expected = grads()
+    shine.enable_activation_checkpointing()
+    loss_ckpt, got = grads()
+    torch.testing.assert_close(loss_ckpt, loss)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=name)
