@@ -254,9 +254,11 @@ def read_records(obj, layout: str):
     items, parse, _ = LAYOUTS[layout]
     for i, item in enumerate(items(obj)):
         try:
-            yield parse(item)
+            record = parse(item)
         except (KeyError, TypeError, IndexError, AttributeError, ValueError):
-            yield QARecord("", [], str(i))
+            record = QARecord("", [], "")
+        record.id = record.id or str(i)  # rows without an id are named by their position
+        yield record
 
 
 def clean_records(records, mode: str = "mqa") -> tuple[list[QARecord], int]:
@@ -369,6 +371,23 @@ def load_texts(source: str | Path, split: str | None = None, field: str = "text"
         if str(source) == "wikitext-2":  # the hub serves one row per line of the raw file
             texts = split_wikitext("".join(texts))
     return [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+
+
+def encode_context(tokenizer, context: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of a context as the hypernetwork reads it: plain text, no chat template, no special tokens,
+    cut to its first `max_tokens` (1,150 in the paper, section 5)."""
+    return tokenizer(context, add_special_tokens=False)["input_ids"][:max_tokens]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(ids, mask), both (B, T), padded on the left: SHINE reads memory at the end of each context, and batched
+    generation continues right after each prompt's last token."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
 
 
 # chat formatting: the backbone's own template; labels only on answer tokens (4.1, 4.2: loss on the answers)

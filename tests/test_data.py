@@ -64,7 +64,7 @@ SENTENCES = [
 ] * 4
 
 
-def chat_tokenizer(name: str = "qwen3", vocab_size: int = 400):
+def chat_tokenizer(name: str = "qwen3", vocab_size: int = 400, corpus: list[str] = SENTENCES):
     """A fast byte-level BPE tokenizer (any text encodes; decoding is exact) with a real chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -75,7 +75,7 @@ def chat_tokenizer(name: str = "qwen3", vocab_size: int = 400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(SENTENCES, trainers.BpeTrainer(
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eot, pad_token=eot, bos_token=bos)
