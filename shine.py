@@ -500,14 +500,17 @@ class Shine(nn.Module):
                 "shapes": {n: list(s) for n, s in self.shapes.items()},
                 "name_or_path": getattr(self.llm.config, "_name_or_path", "")}
 
-    def save_hypernetwork(self, directory: str | Path) -> Path:
-        """Write hypernetwork.safetensors and shine_config.json (the config and the backbone's shape)."""
+    def save_hypernetwork(self, directory: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+        """Write hypernetwork.safetensors and shine_config.json (the config and the backbone's shape).
+
+        `state` replaces `hypernetwork_state_dict()`, e.g. with full tensors gathered from FSDP shards.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous().cpu() for n, p in self.hypernetwork_state_dict().items()},
-                  directory / "hypernetwork.safetensors")
+        state = self.hypernetwork_state_dict() if state is None else state
+        save_file({n: p.detach().contiguous().cpu() for n, p in state.items()}, directory / "hypernetwork.safetensors")
         meta = {"shine": asdict(self.config), "backbone": self.backbone_signature()}
         (directory / "shine_config.json").write_text(json.dumps(meta, indent=2))
         return directory

@@ -48,3 +48,17 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data samples not found at {SHARED_DATA} (they sit beside the repo in the dev setup)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    """A directory with a tiny Qwen3 (random weights) and a small BPE tokenizer carrying Qwen3's chat template,
+    loadable by data.load_backbone like any local model."""
+    from test_data import chat_tokenizer
+
+    tokenizer = chat_tokenizer("qwen3")
+    model = tiny_qwen3(vocab=len(tokenizer), init_range=0.2)  # peaked enough to learn on
+    directory = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
