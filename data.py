@@ -123,7 +123,8 @@ def _squad(item):  # (title, index, paragraph {context, qas: [{question, answers
 
 
 def _squad_row(r):  # hub: one row per question {id, title, context, question, answers{text, answer_start}}
-    return QARecord(r["context"], [(r["question"], _strings(r["answers"]["text"]))], str(r.get("id", "")))
+    rid = f"{r['title']}#{r.get('id', '')}" if r.get("title") else str(r.get("id", ""))  # "<title>#" as _squad
+    return QARecord(r["context"], [(r["question"], _strings(r["answers"]["text"]))], rid)
 
 
 def _hotpot(r):  # HotpotQA / 2Wiki: context [[title, [sentences]]]; hub {title: [], sentences (2Wiki: content)}

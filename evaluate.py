@@ -84,7 +84,7 @@ def with_distractors(records: list[data.QARecord], tokenizer, target: int, seed:
     """SQuAD-N: each context plus shuffled paragraphs of other articles, filled up to `target` tokens, then
     one more paragraph if it lands nearer to `target`."""
     rng = random.Random(seed)
-    article = lambda r: r.id.split("#")[0]  # SQuAD ids are "<title>#<paragraph>[#<question>]"
+    article = lambda r: r.id.split("#")[0]  # data.load_qa names SQuAD records "<title>#..."
     pool = list({r.context: article(r) for r in records}.items())
     size = {c: len(data.encode_context(tokenizer, c)) + 1 for c, _ in pool}  # +1: the "\n\n" separator
     out = []

@@ -80,6 +80,21 @@ def test_benches_on_shared_samples(shared_data):
         assert len(records) == counts[bench]
 
 
+def test_squad_n_from_hub_rows_keeps_articles_apart(shared_data, tmp_path, squad_tokenizer):
+    raw = json.loads(__import__("zipfile").ZipFile(shared_data / "squad_v1.1/dev-v1.1.json.zip").read("dev-v1.1.json"))
+    rows = [{"id": q["id"], "title": a["title"], "context": p["context"], "question": q["question"],
+             "answers": {"text": [x["text"] for x in q["answers"]], "answer_start": [0] * len(q["answers"])}}
+            for a in raw["data"][:6] for p in a["paragraphs"][:3] for q in p["qas"][:2]]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    records, _ = ev.load_bench("squad-512", str(tmp_path / "rows.json"), squad_tokenizer)
+    title = {r["context"]: r["title"] for r in rows}
+    for r, row in zip(records, rows):
+        parts = r.context.split("\n\n")
+        assert row["context"] in parts
+        assert all(title[p] != row["title"] for p in parts if p != row["context"])  # ids carry the title
+    assert sum(r.context.count("\n\n") > 0 for r in records) > 0.8 * len(records)
+
+
 def test_msmarco_v2_column_file(shared_data, tmp_path):
     # MS MARCO v2.1's original release is one object of columns; the reader turns it back into rows
     rows = json.loads((shared_data / "ms_marco/ms_marco_v1.1_train_sample200_hubschema.json").read_text())[:6]
