@@ -115,8 +115,9 @@ def num_memory_tokens(rank: int, shapes: dict[str, tuple[int, int]], hidden: int
 
 
 # ----------------------------------------------------------------------------- LoRA hooks
-def _lora_pairs(model: nn.Module, lora: LoRA):
-    """Yield (layer, name, linear, A, B) after checking the LoRA fits the model."""
+def _lora_pairs(model: nn.Module, lora: LoRA, single: bool = False):
+    """Yield (layer, name, linear, A, B) after checking the LoRA fits the model; `single` wants one adapter and
+    drops its batch axis."""
     layers = decoder_layers(model)
     if sorted(lora) != list(range(len(layers))):
         raise ValueError(f"LoRA covers layers {sorted(lora)[:4]}... ({len(lora)}), the model has {len(layers)} layers")
@@ -127,6 +128,10 @@ def _lora_pairs(model: nn.Module, lora: LoRA):
             if A.shape[-2] != linear.in_features or B.shape[-1] != linear.out_features or A.shape[-1] != B.shape[-2]:
                 raise ValueError(f"LoRA for layer {i} {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; the linear "
                                  f"maps {linear.in_features} -> {linear.out_features}")
+            if single and A.dim() == 3:
+                if A.shape[0] != 1:
+                    raise ValueError(f"one adapter at a time, please; got a batch of {A.shape[0]}")
+                A, B = A[0], B[0]
             yield i, name, linear, A, B
 
 
@@ -168,11 +173,7 @@ def merge_lora(model: nn.Module, lora: LoRA, scale: float = 1.0) -> dict[tuple[i
     restores them bit for bit; subtracting the update again would not, in bf16.
     """
     originals = {}
-    for i, name, linear, A, B in _lora_pairs(model, lora):
-        if A.dim() == 3:
-            if A.shape[0] != 1:
-                raise ValueError(f"merge_lora folds one adapter at a time; got a batch of {A.shape[0]}")
-            A, B = A[0], B[0]
+    for i, name, linear, A, B in _lora_pairs(model, lora, single=True):
         originals[i, name] = linear.weight.detach().to("cpu", copy=True)
         update = scale * (A.float() @ B.float()).T  # (O, I), like the weight
         linear.weight.copy_(linear.weight.float() + update.to(linear.weight.device))
@@ -208,11 +209,7 @@ def save_peft_adapter(model: nn.Module, lora: LoRA, directory: str | Path, base_
 
     paths = {id(m): n for n, m in model.named_modules()}
     tensors, rank = {}, None
-    for _, _, linear, A, B in _lora_pairs(model, lora):
-        if A.dim() == 3:
-            if A.shape[0] != 1:
-                raise ValueError("export one adapter at a time (a batch of one)")
-            A, B = A[0], B[0]
+    for _, _, linear, A, B in _lora_pairs(model, lora, single=True):
         rank = A.shape[-1]
         key = f"base_model.model.{paths[id(linear)]}"
         tensors[f"{key}.lora_A.weight"] = A.T.detach().contiguous().cpu()
