@@ -575,6 +575,20 @@ def smollm2_dir() -> Path:
     return directory
 
 
+def _random_backbone(directory: Path, dtype, device):
+    """A directory with a config (and tokenizer) but no weights: random weights, built on `device` directly.
+    For speed and memory measurements at a real model's shape without downloading it (issue 6)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    warnings.warn(f"{directory} holds no weights: RANDOM initialisation, good for timing only")
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype or torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
 def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """(model, tokenizer) from a hub id, a local directory, or the offline alias `smollm2-135m`.
 
@@ -588,6 +602,8 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: s
     if not local.is_dir() and name_or_path.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"no model directory at {name_or_path}")
     source = local if local.is_dir() else name_or_path
+    if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+        return _random_backbone(local, dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")

@@ -191,3 +191,16 @@ def test_local_directory_gets_dtype_and_a_left_pad(llama, tmp_path):
     assert tokenizer(["hello", "hello world"], padding=True)["input_ids"][0] == [1, 2]
     assert model.dtype == torch.bfloat16 and not model.training
     assert torch.equal(model.lm_head.weight, llama.lm_head.weight.to(torch.bfloat16))
+
+
+def test_config_only_directory_gives_a_random_backbone_of_that_shape(tiny_backbone_dir, tmp_path):
+    """For timing at a real model's shape without its weights: config.json + tokenizer, no weight files."""
+    import shutil
+    for f in tiny_backbone_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        model, tokenizer = data.load_backbone(str(tmp_path), dtype=torch.float32)
+    reference, _ = data.load_backbone(str(tiny_backbone_dir))
+    assert model.config.hidden_size == reference.config.hidden_size and tokenizer.padding_side == "left"
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in reference.named_parameters()}
