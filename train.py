@@ -144,7 +144,7 @@ def pretrain_example(tokenizer, texts: list[list[int]], rng: random.Random, eot:
 
 
 def pretrain_examples(tokenizer, texts: list[str], cfg: TrainConfig, seed: int, show: bool = True) -> list[dict]:
-    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in tqdm(texts, "tokenizing", disable=not show)]
+    ids = [data.encode_context(tokenizer, t) for t in tqdm(texts, "tokenizing", disable=not show)]
     chunks = [x[i:i + cfg.max_context] for x in ids for i in range(0, len(x), cfg.max_context) if len(x) > 1]
     rng, eot = random.Random(seed), eot_id(tokenizer)
     return [pretrain_example(tokenizer, [chunks[i] for i in group], rng, eot, cfg.recon_prob)
@@ -155,7 +155,7 @@ def ift_examples(tokenizer, records: list[data.QARecord], cfg: TrainConfig, show
     """(context, QA chat) examples (4.2); a conversation too long for max_answer loses its last turns."""
     examples, skipped = [], 0
     for rec in tqdm(records, "encoding", disable=not show):
-        context = tokenizer(rec.context, add_special_tokens=False).input_ids[:cfg.max_context]
+        context = data.encode_context(tokenizer, rec.context, cfg.max_context)  # as evaluate.py reads contexts
         turns = [(q, answers[0]) for q, answers in rec.qa]
         while turns:
             input_ids, labels = data.encode_chat(tokenizer, turns, system=data.SYSTEM_PROMPT)
