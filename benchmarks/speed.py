@@ -1,0 +1,363 @@
+"""Speed of SHINE at Qwen3-8B's shape (random bf16 weights, no download): adapter generation, decoding, training.
+
+    python benchmarks/speed.py --shape qwen3-8b --out results/speed_h100.json          # one GPU, ~5-8 minutes
+    python benchmarks/speed.py --shape qwen3-8b --only train --profile train --out results/speed_train.json
+    torchrun --nproc_per_node=2 benchmarks/speed.py --shape qwen3-8b --fsdp --baseline results/speed_h100.json \\
+        --out results/speed_h100_fsdp2.json                                           # train.py's FSDP2 sharding
+    python benchmarks/speed.py --shape tiny --compile-backend eager --out /tmp/speed.json  # CPU smoke run (CI)
+
+Issue 6; benchmarks/README.md defines every number. Medians of repeated runs after warm-up, timed by CUDA events
+(perf_counter on the CPU); peak memory per measurement next to App. B.6's prediction (flops.peak_memory).
+- gen: Shine.generate_lora on 1,150-token contexts (fp32 hypernetwork under bf16 autocast, bf16; batch 1 and 8).
+- decode: HF generate, 64 greedy tokens after a 200-token prompt, batch 1 and 16: base, merged, hooks.
+- train: one step of the pretraining shape as train.py runs it, without and with activation checkpointing; MFU
+  counts 3 x flops.py's forward FLOPs (backward = 2x forward) against --peak-tflops.
+- compile: batch-1 decode with a static KV cache, its decoding step compiled by HF (CUDA graphs). Hook guards are
+  turned on: dynamo skips them by default, and a step compiled without the hooks would then silently be reused
+  inside lora_applied, decoding without the adapter.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+from unittest import mock
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shine.py, train.py, flops.py live at the root
+import flops  # noqa: E402
+import train  # noqa: E402
+from shine import Shine, decoder_layers, lora_applied, lora_merged  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+PARTS = ("gen", "decode", "train", "compile")  # in this order: compile is the slowest and the riskiest
+SHAPES = {  # backbone config (Qwen3-8B's public one, in shapes/), the issue's lengths, (warm-up, timed) runs per part
+    "qwen3-8b": dict(config=Path(__file__).resolve().parent / "shapes" / "qwen3-8b",
+                     context=1150, train_context=1141, answer=1150, prompt=200, new_tokens=64,
+                     runs=dict(gen=(3, 10), decode=(1, 3), train=(2, 5), compile=(2, 5))),
+    "tiny": dict(config=dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+                 context=40, train_context=31, answer=40, prompt=12, new_tokens=16,
+                 runs=dict(gen=(1, 2), decode=(1, 2), train=(1, 2), compile=(1, 2))),
+}
+GEN_BATCH, DECODE_BATCHES = 8, (1, 16)
+T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f} s] {message}", flush=True)
+
+
+def build_llm(shape: str, dtype: torch.dtype, device: torch.device):
+    """A Qwen3 causal LM of `shape` built on `device` by HF's init: weights ~ N(0, 0.02), unit norms."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
+
+    config = SHAPES[shape]["config"]
+    config = AutoConfig.from_pretrained(config) if isinstance(config, Path) else Qwen3Config(**config)
+    with torch.device(device):
+        llm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    llm.generation_config.pad_token_id = 0  # eos stays None: every run makes exactly N tokens
+    return llm.eval()
+
+
+def hypernetwork_to(shine: Shine, dtype: torch.dtype) -> None:
+    for p in shine.hypernetwork_state_dict().values():
+        p.data = p.data.to(dtype)
+
+
+def autocast():
+    return torch.autocast("cuda" if CUDA else "cpu", torch.bfloat16)
+
+
+def measure(fn, warmup: int, runs: int) -> dict:
+    """Median ms of `runs` calls after `warmup` calls, and the peak memory (GiB) meanwhile."""
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+    peak = torch.cuda.max_memory_allocated() if CUDA else 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"ms": statistics.median(times), "peak_gib": peak / flops.GiB}
+
+
+def predicted_gib(s: flops.Shape, tokens: int, batch: int = 1, kv_cache: bool = False, hyper_bytes: int = 4,
+                  weight_bytes: int = 2, shards: int = 1) -> float:
+    """Weights and hypernetwork (bytes a parameter, split over FSDP shards) + App. B.6's extra memory in bf16
+    (eq. 41 without KV cache: all layers' hidden states and MLP intermediates; eqs. 43-44 with it)."""
+    extra = flops.BF16 * batch * flops.peak_memory(s, "naive", tokens, 0, kv_cache)["total"]
+    static = weight_bytes * s.params() + hyper_bytes * flops.hypernetwork_params(s)["total"]
+    return (static / shards + extra) / flops.GiB
+
+
+def random_ids(batch: int, length: int, vocab: int, device) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), device=device)
+
+
+def generated_lora(shine: Shine, batch: int, w: dict) -> dict:
+    """One adapter per row from random contexts, as contiguous tensors in the LLM's dtype (what the hooks use)."""
+    ids = random_ids(batch, w["context"], shine.llm.config.vocab_size, shine.memory.device)
+    with torch.no_grad(), autocast():
+        lora = shine.generate_lora(ids, torch.ones_like(ids))
+    cast = lambda t: t.to(shine.llm.dtype).contiguous()
+    return {l: {n: (cast(A), cast(B)) for n, (A, B) in m.items()} for l, m in lora.items()}
+
+
+def profile(fn, path: Path) -> None:
+    """The top operators of three calls of `fn` by device time (CPU time without a GPU), as a text table."""
+    from torch.profiler import ProfilerActivity
+
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * CUDA) as prof:
+        for _ in range(3):
+            fn()
+    path.write_text(prof.key_averages().table(sort_by=f"self_{'cuda' if CUDA else 'cpu'}_time_total", row_limit=40))
+    log(f"profile written to {path}")
+
+
+# ----------------------------------------------------------------------------- the parts
+def bench_gen(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
+    out, C = {}, w["context"]
+    for name, dtype, batch in (("fp32_autocast_b1", torch.float32, 1), ("bf16_b1", torch.bfloat16, 1),
+                               (f"bf16_b{GEN_BATCH}", torch.bfloat16, GEN_BATCH)):
+        log(f"gen {name}")
+        hypernetwork_to(shine, dtype)
+        ids = random_ids(batch, C, s.vocab, shine.memory.device)
+        fn = lambda: shine.generate_lora(ids, torch.ones_like(ids))
+        with torch.no_grad(), autocast() if dtype == torch.float32 else nullcontext():
+            r = measure(fn, *w["runs"]["gen"])
+            if args.profile == "gen" and name == "bf16_b1":
+                profile(fn, args.out.parent / "profile_gen.txt")
+        out[name] = r | {"ms_per_context": r["ms"] / batch, "contexts_s": 1e3 * batch / r["ms"],
+                         "tflops": batch * flops.shine_flops(s, C)["total"] / r["ms"] / 1e9,
+                         "predicted_gib": predicted_gib(s, C + shine.num_memory, batch, False, dtype.itemsize)}
+    hypernetwork_to(shine, torch.float32)
+    return out
+
+
+def decode(llm, prompt: torch.Tensor, w: dict, runs: tuple[int, int], s: flops.Shape, **generate_kwargs) -> dict:
+    batch, n = prompt.shape[0], w["new_tokens"]
+    r = measure(lambda: llm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=n, min_new_tokens=n, **generate_kwargs), *runs)
+    prefill = measure(lambda: llm(prompt, logits_to_keep=1), 1, 3)["ms"]
+    return r | {"tok_s": 1e3 * batch * n / r["ms"], "prefill_ms": prefill, "ms_per_step": (r["ms"] - prefill) / (n - 1),
+                "decode_tok_s": 1e3 * batch * (n - 1) / (r["ms"] - prefill),
+                "predicted_gib": predicted_gib(s, w["prompt"] + n, batch, kv_cache=True)}
+
+
+@torch.no_grad()
+def bench_decode(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
+    llm, runs, out = shine.llm, w["runs"]["decode"], {}
+    prompts = {b: random_ids(b, w["prompt"], s.vocab, llm.device) for b in DECODE_BATCHES}
+    loras = {b: generated_lora(shine, b, w) for b in DECODE_BATCHES}
+    for b in DECODE_BATCHES:
+        log(f"decode b{b}: base, hooks")
+        out[f"b{b}"] = {"base": decode(llm, prompts[b], w, runs, s)}
+        with lora_applied(llm, loras[b]):
+            out[f"b{b}"]["hooks"] = decode(llm, prompts[b], w, runs, s)
+            if args.profile == "decode" and b == 1:
+                ones = torch.ones_like(prompts[1])
+                profile(lambda: llm.generate(prompts[1], attention_mask=ones, do_sample=False, max_new_tokens=16,
+                                             min_new_tokens=16), args.out.parent / "profile_decode.txt")
+    log("decode: merged")
+    t = time.perf_counter()
+    with lora_merged(llm, loras[1]):
+        merge_ms = 1e3 * (time.perf_counter() - t)  # merge_lora synchronises: it copies the weights to the CPU
+        for b in DECODE_BATCHES:
+            out[f"b{b}"]["merged"] = decode(llm, prompts[b], w, runs, s) | {"merge_ms": merge_ms}
+    for b in DECODE_BATCHES:
+        for mode in ("hooks", "merged"):
+            out[f"b{b}"][mode]["x_base"] = out[f"b{b}"][mode]["ms_per_step"] / out[f"b{b}"]["base"]["ms_per_step"]
+    return out
+
+
+def compiled_generate_kwargs(backend: str, fullgraph: bool) -> dict:
+    """generate() keywords for a static KV cache whose decoding step HF compiles, hooks included."""
+    from transformers import CompileConfig
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False  # see the module docstring
+    mode = "reduce-overhead" if backend == "inductor" else None  # torch.compile takes a mode only for inductor
+    config = CompileConfig(fullgraph=fullgraph, backend=backend, mode=mode)
+    config._compile_all_devices = True  # HF compiles on GPUs only unless told so; the CPU smoke run checks tracing
+    return dict(cache_implementation="static", compile_config=config)
+
+
+@torch.no_grad()
+def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
+    llm, runs, errors = shine.llm, w["runs"]["compile"], []
+    lora, prompt = generated_lora(shine, 1, w), random_ids(1, w["prompt"], s.vocab, llm.device)
+    for A, B in (pair for modules in lora.values() for pair in modules.values()):
+        torch._dynamo.mark_static_address(A)  # else CUDA graphs copy all 2 x 252 tensors at every replay
+        torch._dynamo.mark_static_address(B)
+    for fullgraph in (True, False):  # a graph break costs speed, not correctness: fall back and say so
+        kwargs, out = compiled_generate_kwargs(args.compile_backend, fullgraph), {}
+        try:
+            log(f"compile: static cache, fullgraph={fullgraph}, hooks (compiling takes a minute or two)")
+            with lora_applied(llm, lora):
+                out["hooks"] = decode(llm, prompt, w, runs, s, **kwargs)
+            log("compile: base")
+            out["base"] = decode(llm, prompt, w, runs, s, **kwargs)
+            out["hooks"]["x_base"] = out["hooks"]["ms_per_step"] / out["base"]["ms_per_step"]
+            break
+        except Exception as error:  # noqa: BLE001 - reported in the JSON; the other parts still count
+            traceback.print_exc()
+            errors.append(f"fullgraph={fullgraph}: {type(error).__name__}: {error}"[:2000])
+            torch._dynamo.reset()
+    return out | ({"errors": errors} if errors else {})
+
+
+def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int = 1) -> dict:
+    cfg, device, C, T = train.TrainConfig(), shine.memory.device, w["train_context"], w["answer"]
+    optimizer = train.make_optimizer(shine, cfg)
+    context, answer = random_ids(1, C, s.vocab, device), random_ids(1, T, s.vocab, device)
+    batch = {"context_ids": context, "context_mask": torch.ones_like(context), "input_ids": answer,
+             "attention_mask": torch.ones_like(answer), "labels": answer.clone()}
+    precision = autocast if CUDA and not args.fsdp else nullcontext  # as train.main: FSDP casts by itself
+    trained = [p for p in shine.parameters() if p.requires_grad]
+
+    def step():
+        train.loss_of_step(model, [batch], world, precision)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    forward = flops.shine_flops(s, C)["total"] + flops.llm_flops(s, T, logits=T - 1, lora_rank=8)["total"]
+    out = {}
+    try:
+        for name in ("no_ckpt", "ckpt"):
+            if name == "ckpt":
+                shine.enable_activation_checkpointing()
+            log(f"train {name}")
+            try:
+                r = out[name] = measure(step, *w["runs"]["train"])
+                r |= {"tok_s": 1e3 * (C + T) / r["ms"], "tflops": 3 * forward / r["ms"] / 1e9,
+                      # fp32 hypernetwork + gradient + 2 AdamW moments; under FSDP train.py keeps the LLM in fp32
+                      "predicted_gib": predicted_gib(s, C + shine.num_memory + T, hyper_bytes=16,
+                                                     weight_bytes=4 if args.fsdp else 2, shards=world)}
+                r["mfu"] = r["tflops"] / args.peak_tflops
+                if world > 1:
+                    r["all_gpus_tok_s"] = world * r["tok_s"]
+                if args.profile == "train":
+                    profile(step, args.out.parent / f"profile_train_{name}.txt")
+            except torch.OutOfMemoryError as error:
+                optimizer.zero_grad(set_to_none=True)
+                out[name] = {"error": f"OutOfMemoryError: {str(error)[:300]}"}
+                torch.cuda.empty_cache()
+    finally:  # undo enable_activation_checkpointing: decoding runs without it
+        for layer in decoder_layers(shine.llm):
+            layer.__dict__.pop("forward", None)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def print_table(results: dict, path: str = "") -> None:
+    """One line per measurement (a dict with "ms") or error in the results."""
+    for key, value in results.items():
+        name = f"{path}/{key}".lstrip("/")
+        if isinstance(value, dict) and "ms" in value:
+            rate = next(f"{value[k]:.4g} {k[:-2]}/s" for k in ("contexts_s", "decode_tok_s", "tok_s") if k in value)
+            cells = "".join(f"{value[k]:>{width}{f}}" if k in value else " " * width for k, f, width in
+                            (("tflops", ".4g", 9), ("mfu", ".1%", 7), ("x_base", ".3f", 8), ("peak_gib", ".4g", 10),
+                             ("predicted_gib", ".4g", 9)))
+            print(f"{name:<28}{value['ms']:>10.2f}{rate:>22}{cells}")
+        elif isinstance(value, dict):
+            print_table(value, name)
+        elif key in ("error", "errors"):
+            print(f"{name:<28}{str(value)[:150]}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="qwen3-8b")
+    p.add_argument("--out", type=Path, default=Path("results/speed.json"))
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
+    p.add_argument("--profile", choices=PARTS[:3], help="also write a torch.profiler table of this part next to --out")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
+    p.add_argument("--compile-backend", default="inductor", help="inductor (CUDA graphs) or eager (smoke tests)")
+    p.add_argument("--fsdp", action="store_true", help="train only, sharded like train.py --fsdp (under torchrun)")
+    p.add_argument("--baseline", type=Path, help="a one-GPU JSON of this script: scaling efficiency for --fsdp")
+    args = p.parse_args(argv)
+    if args.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp runs under torchrun: torchrun --nproc_per_node=2 benchmarks/speed.py --fsdp ...")
+    if unknown := set(args.only.split(",")) - set(PARTS):
+        p.error(f"--only: unknown parts {sorted(unknown)}; choose from {PARTS}")
+    args.only = ["train"] if args.fsdp else [part for part in PARTS if part in args.only.split(",")]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_float32_matmul_precision("high")  # TF32 for the fp32 leftovers under autocast (the authors: fp32 + TF32)
+    rank, world, device = train.setup_distributed() if args.fsdp else (0, 1, torch.device("cuda" if CUDA else "cpu"))
+    w = SHAPES[args.shape]
+    results = {"device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.machine()})", "gpus": world,
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "shape": args.shape, "peak_tflops": args.peak_tflops,
+               "lengths": {k: w[k] for k in ("context", "train_context", "answer", "prompt", "new_tokens")}}
+    torch.manual_seed(0)
+    log(f"building {args.shape} on {results['device']}")
+    if args.fsdp:  # train.build_model itself, handed the random backbone instead of a download
+        random_backbone = lambda name, dtype: (build_llm(args.shape, dtype, device), None)
+        with mock.patch.object(train.data, "load_backbone", random_backbone):
+            shine, model, _ = train.build_model(train.TrainConfig(fsdp=True), device, world)
+    else:
+        shine = model = Shine(build_llm(args.shape, torch.bfloat16, device))
+    s = flops.Shape.from_config(shine.llm.config)
+    log(f"built: {shine.parameter_report()}")
+    for part in args.only:
+        t = time.perf_counter()
+        try:
+            if part == "train":
+                results[part] = bench_train(shine, model, s, w, args, world)
+            else:
+                bench = {"gen": bench_gen, "decode": bench_decode, "compile": bench_compile}[part]
+                results[part] = bench(shine, s, w, args)
+        except Exception as error:  # noqa: BLE001 - an OOM or a crash in one part leaves the others standing
+            traceback.print_exc()
+            results[part] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        gc.collect()  # what a part (or its error) left behind, before the next part
+        if CUDA:
+            torch.cuda.empty_cache()
+        results[f"{part}_wall_s"] = time.perf_counter() - t
+        if rank == 0:
+            args.out.write_text(json.dumps(results, indent=2))  # after every part: a later crash keeps the rest
+    if args.fsdp and args.baseline:
+        one_gpu = json.loads(args.baseline.read_text()).get("train", {})
+        for name, r in results["train"].items():
+            if isinstance(r, dict) and "tok_s" in r and "tok_s" in one_gpu.get(name, {}):
+                r["scaling_efficiency"] = r["tok_s"] / one_gpu[name]["tok_s"]  # per-GPU tok/s over one GPU's
+    results["total_wall_s"] = time.perf_counter() - T0
+    if rank == 0:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"\n{'':<28}{'ms':>10}{'throughput':>22}{'TFLOP/s':>9}{'MFU':>7}{'x base':>8}{'peak GiB':>10}"
+              f"{'B.6 GiB':>9}")
+        print_table({k: v for k, v in results.items() if isinstance(v, dict) and k != "lengths"})
+        log(f"wrote {args.out} ({results['device']})")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

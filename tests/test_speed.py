@@ -1,0 +1,168 @@
+"""benchmarks/speed.py at the tiny shape on the CPU (every part, the FSDP mode under torchrun), the compiled-decode
+set-up it relies on, and the fused LoRA hook it measures."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_qwen3
+
+import flops
+import shine
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import speed  # noqa: E402
+
+TINY = flops.Shape.from_config(speed.build_llm("tiny", torch.bfloat16, torch.device("cpu")).config)
+FIELDS = {  # every measurement the lead's table and the README need
+    "gen": ({"fp32_autocast_b1", "bf16_b1", "bf16_b8"},
+            {"ms", "peak_gib", "ms_per_context", "contexts_s", "tflops", "predicted_gib"}),
+    "train": ({"no_ckpt", "ckpt"}, {"ms", "peak_gib", "tok_s", "tflops", "mfu", "predicted_gib"}),
+    "compile": ({"base", "hooks"}, {"ms", "peak_gib", "tok_s", "prefill_ms", "ms_per_step", "decode_tok_s",
+                                    "predicted_gib"}),
+}
+DECODE = {"ms", "peak_gib", "tok_s", "prefill_ms", "ms_per_step", "decode_tok_s", "predicted_gib"}
+
+
+def leaves(tree, path=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{path}/{key}")
+        else:
+            yield f"{path}/{key}", value
+
+
+def run(args, tmp_path, torchrun=False):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
+        if torchrun else [sys.executable]
+    done = subprocess.run(launcher + [str(ROOT / "benchmarks" / "speed.py"), "--shape", "tiny", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_every_part_with_finite_positive_numbers(tmp_path):
+    out = tmp_path / "speed.json"
+    stdout = run(["--compile-backend", "eager", "--profile", "train", "--out", str(out)], tmp_path)
+    r = json.loads(out.read_text())
+    assert r["device"].startswith("cpu") and r["gpus"] == 1 and r["torch"] == torch.__version__
+    for part, (configs, fields) in FIELDS.items():
+        assert set(r[part]) == configs
+        assert all(fields <= set(r[part][c]) for c in configs), part
+    assert set(r["decode"]) == {"b1", "b16"}
+    for b in ("b1", "b16"):
+        assert set(r["decode"][b]) == {"base", "hooks", "merged"}
+        assert all(DECODE <= set(r["decode"][b][m]) for m in ("base", "hooks", "merged"))
+        assert {"x_base", "merge_ms"} <= set(r["decode"][b]["merged"]) and "x_base" in r["decode"][b]["hooks"]
+    values = dict(leaves(r))
+    assert not [p for p in values if p.endswith(("/error", "/errors"))]
+    numbers = {p: v for p, v in values.items() if not isinstance(v, str)}
+    assert [p for p, v in numbers.items() if not (math.isfinite(v) and v > 0)] == []
+    # the counts behind the rates: flops.py's FLOPs, the issue's token counts (tiny lengths), App. B.6's memory
+    gen = r["gen"]["bf16_b8"]
+    assert gen["tflops"] * gen["ms"] * 1e9 == pytest.approx(8 * flops.shine_flops(TINY, 40)["total"])
+    assert gen["contexts_s"] == pytest.approx(8e3 / gen["ms"])
+    step = r["train"]["ckpt"]
+    assert step["tok_s"] * step["ms"] / 1e3 == pytest.approx(31 + 40)
+    forward = flops.shine_flops(TINY, 31)["total"] + flops.llm_flops(TINY, 40, logits=39, lora_rank=8)["total"]
+    assert step["tflops"] * step["ms"] * 1e9 == pytest.approx(3 * forward)
+    assert step["mfu"] == pytest.approx(step["tflops"] / 989)
+    hyper = flops.hypernetwork_params(TINY)["total"]
+    kv = 2 * 2 * (12 + 16) * 2 * 16  # layers x (K, V) x (prompt + new tokens) x kv heads x head dim
+    assert r["decode"]["b16"]["base"]["predicted_gib"] * flops.GiB == pytest.approx(
+        2 * TINY.params() + 4 * hyper + 2 * 16 * kv)
+    decode = r["decode"]["b1"]["hooks"]
+    assert decode["tok_s"] == pytest.approx(16e3 / decode["ms"])
+    assert decode["ms_per_step"] == pytest.approx((decode["ms"] - decode["prefill_ms"]) / 15)
+    assert "aten::" in (tmp_path / "profile_train_ckpt.txt").read_text()
+    table = stdout[stdout.index("TFLOP/s"):]
+    assert all(row in table for row in ("gen/bf16_b8", "decode/b16/hooks", "train/no_ckpt", "compile/hooks"))
+
+
+@pytest.mark.slow
+def test_fsdp_mode_under_torchrun_reports_per_gpu_rates_and_scaling(tmp_path):
+    baseline = tmp_path / "one_gpu.json"
+    baseline.write_text(json.dumps({"train": {"no_ckpt": {"tok_s": 7.0}, "ckpt": {"tok_s": 5.0}}}))
+    out = tmp_path / "fsdp.json"
+    run(["--fsdp", "--baseline", str(baseline), "--out", str(out)], tmp_path, torchrun=True)
+    r = json.loads(out.read_text())
+    assert r["gpus"] == 2 and set(r) >= {"train", "train_wall_s"} and "gen" not in r
+    for name, one_gpu in (("no_ckpt", 7.0), ("ckpt", 5.0)):
+        step = r["train"][name]
+        assert step["scaling_efficiency"] == pytest.approx(step["tok_s"] / one_gpu)
+        assert step["all_gpus_tok_s"] == pytest.approx(2 * step["tok_s"])
+        assert step["tok_s"] * step["ms"] / 1e3 == pytest.approx(31 + 40)  # each rank's own batch
+        assert all(math.isfinite(v) and v > 0 for v in step.values())
+
+
+def test_fsdp_needs_torchrun_and_parts_are_checked():
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--fsdp"])
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--only", "gen,decoding"])
+    assert speed.parse_args(["--only", "train,gen"]).only == ["gen", "train"]  # always in PARTS order
+
+
+def test_compiled_decoding_uses_hooks_added_after_an_earlier_compile(monkeypatch):
+    """Dynamo skips hook guards by default, so a decoding step compiled without the LoRA hooks would be reused
+    once they are added, decoding without the adapter. speed.py's compile set-up must recompile instead."""
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # the default; restored after
+    torch._dynamo.reset()
+    model = tiny_qwen3()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(0, 128, (1, 9))
+    lora = {l: {n: (torch.randn(1, i, 4), torch.randn(1, 4, o)) for n, (i, o) in shine.lora_shapes(model).items()}
+            for l in range(2)}
+    greedy = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    compiled = speed.compiled_generate_kwargs("eager", fullgraph=True)
+    with torch.no_grad():
+        base = model.generate(ids, **greedy)
+        assert torch.equal(model.generate(ids, **greedy, **compiled), base)  # compiles the base model's step
+        with shine.lora_applied(model, lora):
+            adapted = model.generate(ids, **greedy)
+            assert torch.equal(model.generate(ids, **greedy, **compiled), adapted)
+        assert not torch.equal(adapted, base)
+        assert torch.equal(model.generate(ids, **greedy, **compiled), base)  # and the hooks are gone again
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- the fused hook (shine._add_lora)
+@pytest.mark.parametrize("adapters, rows", [(0, 3), (1, 1), (3, 3), (2, 4)])  # 0: one 2-D LoRA for every row
+def test_fused_hook_equals_output_plus_scaled_x_a_b(adapters, rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5, bias=False)
+    x = torch.randn(rows, 7, 6)
+    A, B = (torch.randn(6, 3), torch.randn(3, 5)) if not adapters else (torch.randn(adapters, 6, 3),
+                                                                         torch.randn(adapters, 3, 5))
+    got = shine._add_lora(linear, (x,), linear(x), A, B, scale=0.5)
+    per_row = lambda t: t if t.dim() == 2 else t.repeat_interleave(rows // adapters, 0)  # beams repeat each row
+    reference = torch.stack([linear(x[i]) + 0.5 * x[i] @ per_row(A)[i if A.dim() == 3 else ...] @
+                             per_row(B)[i if B.dim() == 3 else ...] for i in range(rows)])
+    torch.testing.assert_close(got, reference)
+
+
+def test_hooks_follow_the_dtype_the_linear_runs_in(qwen):
+    """FSDP2 mixed precision: the weights are fp32 shards when lora_applied casts the LoRA, bf16 in forward."""
+    ids = torch.randint(0, 128, (2, 6))
+    shapes = shine.lora_shapes(qwen)
+    lora = {l: {n: (torch.randn(2, i, 4) * 0.3, torch.randn(2, 4, o) * 0.3) for n, (i, o) in shapes.items()}
+            for l in range(2)}
+    with shine.lora_applied(qwen, lora):
+        qwen.to(torch.bfloat16)  # as FSDP2 unshards bf16 weights only for the forward
+        hooked = qwen(ids).logits
+    with shine.lora_applied(qwen, lora):  # the LoRA cast to bf16 up front: the ordinary path
+        reference = qwen(ids).logits
+    torch.testing.assert_close(hooked, reference, atol=0, rtol=0)
+    assert (reference - qwen(ids).logits).abs().max() > 0.1
+
+
+def test_qwen3_8b_shape_is_the_papers_backbone():
+    llm = speed.build_llm("qwen3-8b", torch.bfloat16, torch.device("meta"))  # shapes only, no memory
+    assert flops.Shape.from_config(llm.config) == flops.PRESETS["qwen3-8b"]
+    assert sum(p.numel() for p in llm.parameters()) == 8_190_735_360
+    assert llm.dtype == torch.bfloat16 and llm.generation_config.eos_token_id is None  # N tokens every run
