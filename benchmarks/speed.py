@@ -277,7 +277,7 @@ def print_table(results: dict, path: str = "") -> None:
         if isinstance(value, dict) and "ms" in value:
             rate = next(f"{value[k]:.4g} {k[:-2]}/s" for k in ("contexts_s", "decode_tok_s", "tok_s") if k in value)
             cells = "".join(f"{value[k]:>{width}{f}}" if k in value else " " * width for k, f, width in
-                            (("tflops", ".4g", 9), ("mfu", ".1%", 7), ("x_base", ".3f", 8), ("peak_gib", ".4g", 10),
+                            (("tflops", ".4g", 10), ("mfu", ".1%", 7), ("x_base", ".3f", 8), ("peak_gib", ".4g", 10),
                              ("predicted_gib", ".4g", 9)))
             print(f"{name:<28}{value['ms']:>10.2f}{rate:>22}{cells}")
         elif isinstance(value, dict):
@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
     results["total_wall_s"] = time.perf_counter() - T0
     if rank == 0:
         args.out.write_text(json.dumps(results, indent=2))
-        print(f"\n{'':<28}{'ms':>10}{'throughput':>22}{'TFLOP/s':>9}{'MFU':>7}{'x base':>8}{'peak GiB':>10}"
+        print(f"\n{'':<28}{'ms':>10}{'throughput':>22}{'TFLOP/s':>10}{'MFU':>7}{'x base':>8}{'peak GiB':>10}"
               f"{'B.6 GiB':>9}")
         print_table({k: v for k, v in results.items() if isinstance(v, dict) and k != "lengths"})
         log(f"wrote {args.out} ({results['device']})")
