@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# SHINE-135M (issue 7): the whole pipeline on SmolLM2-135M-Instruct, one subcommand per device call, each well
+# under 9 minutes on one H100. Several subcommands in one call run in order.
+#
+#   bash benchmarks/shine_135m.sh timing      # ~20 steps of each stage: ms/step, suggested *_STEPS, parameter counts
+#   bash benchmarks/shine_135m.sh pretrain    # then ift-mqa, ift-1qa: each starts from the previous stage
+#   bash benchmarks/shine_135m.sh eval        # Table 2 (SQuAD, HotpotQA, MuSiQue, 2Wiki) and Table 1 (held-out CoQA)
+#   bash benchmarks/shine_135m.sh curves      # Figure 5: reconstruction / completion on WikiText-2 test
+#   bash benchmarks/shine_135m.sh package     # checkpoints/shine-smollm2-135m (bf16) + results/shine-135m/training.json
+#
+# Every variable below can be set in the environment. Data: DATA_DIR holds SQuADShifts, CoQA and SQuAD dev, flat
+# (.carry_data) or in subfolders (../shared/data). With $OUT set (the device machine), each training stage also
+# returns its checkpoint in bf16, split into <= 15 MiB parts ($OUT/ckpt/<stage>/), and results go to $OUT/results/.
+# On a fresh machine, a stage whose run is gone is restored from $CKPT_IN/<stage> (those parts, carried back).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${PY:=python3}" "${MODEL:=smollm2-135m}" "${DATA_DIR:=.carry_data}" "${RUN:=runs/135m}" "${CKPT_IN:=.carry_ckpt}"
+: "${RESULTS:=results/shine-135m}" "${PACKAGE_DIR:=checkpoints/shine-smollm2-135m}"
+: "${META_RANK:=40}" "${MAX_CONTEXT:=1150}" "${EVAL_EVERY:=100}" "${SAVE_EVERY:=200}" "${TRAIN_EXTRA:=}"
+: "${PRETRAIN_STEPS:=1000}" "${PRETRAIN_BATCH:=16}" "${PRETRAIN_LR:=1e-3}"
+: "${MQA_STEPS:=520}" "${MQA_BATCH:=32}" "${MQA_LR:=3e-4}"        # 2 epochs of 8,329 conversations
+: "${ONEQA_STEPS:=590}" "${ONEQA_BATCH:=64}" "${ONEQA_LR:=1e-4}"  # 1 epoch of 37,636 questions
+: "${PART_SIZE:=15M}" "${HELDOUT:=50}" "${SQUAD_SAMPLE:=1000}" "${TIMING_STEPS:=20}" "${RESUME:=}"
+: "${EVAL_BATCH:=64}" "${EVAL_LIMIT:=}" "${MAX_NEW_TOKENS:=32}" "${EVAL_EXTRA:=}" "${BENCHES:=squad hotpotqa musique 2wiki coqa}"
+: "${CURVE_PER_BUCKET:=64}" "${CURVE_BATCH:=16}" "${CURVE_BUCKETS:=64,128,256,512,1150}"
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
+DATA=$RUN/data
+SHIFTS=$(printf "$DATA/squadshifts_%s.json.gz," new_wiki nyt reddit amazon); SHIFTS=${SHIFTS%,}
+if [ -n "${OUT:-}" ]; then  # a full log comes back too; the trap lets tee finish writing it
+  exec > >(tee -a "$OUT/shine_135m.log") 2>&1
+  trap 'exec >&- 2>&-; wait' EXIT
+fi
+
+prepare() {  # the training files and held-out sets, once per machine
+  [ -f "$DATA/manifest.json" ] || $PY benchmarks/make_heldout.py --data-dir "$DATA_DIR" --out "$DATA" \
+    --heldout "$HELDOUT" --squad-sample "$SQUAD_SAMPLE"
+}
+
+have() { [ -f "$RUN/$1/latest" ] || [ -f "$RUN/export/$1/shine_config.json" ] || [ -f "$CKPT_IN/$1/SHA256SUMS" ]; }
+
+ckpt() {  # the newest checkpoint of a stage: this machine's run, else its bf16 export (restored from parts if needed)
+  local stage=$1
+  if [ -f "$RUN/$stage/latest" ]; then echo "$RUN/$stage/$(cat "$RUN/$stage/latest")"; return; fi
+  if [ ! -f "$RUN/export/$stage/shine_config.json" ] && [ -f "$CKPT_IN/$stage/SHA256SUMS" ]; then
+    bash benchmarks/unpack_checkpoint.sh "$CKPT_IN/$stage" "$RUN/export/$stage" >&2
+  fi
+  [ -f "$RUN/export/$stage/shine_config.json" ] || { echo "no $stage checkpoint: run that stage first" >&2; exit 1; }
+  echo "$RUN/export/$stage"
+}
+
+train_stage() {  # stage steps batch lr data [init stage]
+  local stage=$1 steps=$2 batch=$3 lr=$4 data=$5 init=() from
+  if [ -n "${6:-}" ]; then from=$(ckpt "$6"); init=(--init-from "$from"); fi
+  [ -n "$RESUME" ] || rm -rf "${RUN:?}/$stage" "$RUN/export/$stage"
+  $PY train.py --stage "$stage" --preset smollm2 --model "$MODEL" --data "$data" --out-dir "$RUN/$stage" \
+    --meta-lora-rank "$META_RANK" --max-context "$MAX_CONTEXT" --max-steps "$steps" --batch-size "$batch" \
+    --grad-accum 1 --lr "$lr" --eval-every "$EVAL_EVERY" --save-every "$SAVE_EVERY" ${RESUME:+--resume} \
+    "${init[@]}" $TRAIN_EXTRA
+  $PY benchmarks/shine_135m.py export --run "$RUN" --stage "$stage"
+  if [ -n "${OUT:-}" ]; then split_parts "$RUN/export/$stage" "$OUT/ckpt/$stage"; fi
+}
+
+split_parts() {  # src dst: hypernetwork.safetensors in <= 15 MiB parts, the JSON files, and SHA256SUMS of all
+  local src=$1 dst=$2
+  mkdir -p "$dst"
+  split -b "$PART_SIZE" -d -a 1 "$src/hypernetwork.safetensors" "$dst/hypernetwork.safetensors.part"
+  cp "$src"/*.json "$dst/"
+  [ ! -f "$src/README.md" ] || cp "$src/README.md" "$dst/"
+  (cd "$src" && sha256sum hypernetwork.safetensors ./*.json $(ls README.md 2>/dev/null)) > "$dst/SHA256SUMS.tmp"
+  (cd "$dst" && sha256sum hypernetwork.safetensors.part*) >> "$dst/SHA256SUMS.tmp"
+  mv "$dst/SHA256SUMS.tmp" "$dst/SHA256SUMS"
+}
+
+evaluate() {  # name bench methods [evaluate.py flags]
+  local name=$1 bench=$2 methods=$3 final; shift 3
+  final=$(ckpt ift-1qa)
+  $PY evaluate.py --bench "$bench" --method "$methods" --model "$MODEL" --shine-ckpt "$final" \
+    --batch-size "$EVAL_BATCH" --max-new-tokens "$MAX_NEW_TOKENS" --max-context-tokens "$MAX_CONTEXT" --seed 42 \
+    --out "$RESULTS/$name.json" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} "$@" $EVAL_EXTRA
+}
+
+export_results() {
+  if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results/shine-135m" && cp "$@" "$OUT/results/shine-135m/"; fi
+}
+
+for cmd in "$@"; do
+  start=$SECONDS
+  echo "=== shine_135m.sh $cmd ($(date -u +%H:%M:%S) UTC)"
+  case $cmd in
+    timing)  # the bundled samples (the preset's data): same kinds of text, ready in seconds
+      $PY benchmarks/shine_135m.py params --model "$MODEL" --meta-ranks "32,$META_RANK,48" $TRAIN_EXTRA
+      for spec in "pretrain $PRETRAIN_BATCH" "ift-mqa $MQA_BATCH" "ift-1qa $ONEQA_BATCH"; do
+        read -r stage batch <<< "$spec"
+        rm -rf "$RUN/timing/$stage" && mkdir -p "$RUN/timing"
+        $PY train.py --stage "$stage" --preset smollm2 --model "$MODEL" --out-dir "$RUN/timing/$stage" \
+          --meta-lora-rank "$META_RANK" --max-context "$MAX_CONTEXT" --max-steps "$TIMING_STEPS" --batch-size "$batch" \
+          --grad-accum 1 --eval-every 1000000 --save-every 1000000 $TRAIN_EXTRA > "$RUN/timing/$stage.log" 2>&1 \
+          || { tail -20 "$RUN/timing/$stage.log"; exit 1; }
+      done
+      $PY benchmarks/shine_135m.py timing --run "$RUN" ;;
+    pretrain) prepare; train_stage pretrain "$PRETRAIN_STEPS" "$PRETRAIN_BATCH" "$PRETRAIN_LR" "$SHIFTS,$DATA/coqa_train.json.gz" ;;
+    ift-mqa) prepare; train_stage ift-mqa "$MQA_STEPS" "$MQA_BATCH" "$MQA_LR" "$DATA/coqa_train.json.gz,$SHIFTS" pretrain ;;
+    ift-1qa) prepare; train_stage ift-1qa "$ONEQA_STEPS" "$ONEQA_BATCH" "$ONEQA_LR" "$SHIFTS" ift-mqa ;;
+    eval)
+      prepare
+      mkdir -p "$RESULTS"
+      for bench in $BENCHES; do
+        case $bench in
+          squad) evaluate squad squad naive,in-context,shine --data-file "$DATA/squad_dev1000_seed42.jsonl" ;;
+          coqa) evaluate coqa-heldout msmarco-mqa naive,in-context,sft,shine --data-file "$DATA/coqa_heldout50.jsonl" ;;
+          *) evaluate "$bench" "$bench" naive,in-context,shine ;;  # the bundled samples: 103 / 200 / 200
+        esac
+        export_results "$RESULTS/${bench/coqa/coqa-heldout}.json"
+      done ;;
+    curves)
+      specs=()  # the base model always; the pretraining and final checkpoints where they exist
+      if have pretrain; then path=$(ckpt pretrain); specs+=(--ckpt "pretrain=$path"); fi
+      if have ift-1qa; then path=$(ckpt ift-1qa); specs+=(--ckpt "final=$path"); fi
+      $PY benchmarks/recon_curves.py --model "$MODEL" --base "${specs[@]}" --buckets "$CURVE_BUCKETS" \
+        --per-bucket "$CURVE_PER_BUCKET" --batch-size "$CURVE_BATCH" --out "$RESULTS/recon_curves.json"
+      export_results "$RESULTS/recon_curves.json" ;;
+    package)
+      prepare  # the data list
+      for stage in pretrain ift-mqa ift-1qa; do  # restores exports from $CKPT_IN where this machine has no run
+        if have $stage || [ $stage = ift-1qa ]; then path=$(ckpt $stage); fi
+      done
+      $PY benchmarks/shine_135m.py package --run "$RUN" --data "$DATA" --out "$PACKAGE_DIR" --results "$RESULTS"
+      if [ -n "${OUT:-}" ]; then split_parts "$PACKAGE_DIR" "$OUT/checkpoint"; fi ;;
+    *) echo "unknown subcommand $cmd; use timing, pretrain, ift-mqa, ift-1qa, eval, curves, package" >&2; exit 2 ;;
+  esac
+  echo "=== $cmd done in $((SECONDS - start)) s"
+done

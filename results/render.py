@@ -1,0 +1,155 @@
+"""The README's results tables, regenerated from the JSON in results/ (never typed by hand).
+
+    python results/render.py            # rewrite README.md between <!-- results:start --> and <!-- results:end -->
+    python results/render.py --check    # exit 1 if README.md is out of date with results/
+
+Reads results/shine-135m/: {squad,hotpotqa,musique,2wiki}.json and coqa-heldout.json (evaluate.py reports),
+recon_curves.json (benchmarks/recon_curves.py), training.json (benchmarks/shine_135m.py package), and
+results/speed*.json (benchmarks/speed.py). Missing files are skipped.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+BENCHES = {"squad": "SQuAD", "hotpotqa": "HotpotQA", "musique": "MuSiQue", "2wiki": "2WikiMultihopQA"}
+METHODS = {"naive": "Naive", "in-context": "In-context", "sft": "SFT", "shine": "SHINE"}
+STAGE_NAMES = {"pretrain": "pretraining", "ift-mqa": "IFT multi-QA", "ift-1qa": "IFT single-QA"}
+
+
+def load(directory: Path) -> dict[str, dict]:
+    """Every results JSON of a directory by file stem."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def table2(results: dict[str, dict]) -> str | None:
+    """Table 2 analogue: answer F1 / EM of each method on each benchmark."""
+    benches = [b for b in BENCHES if b in results]
+    if not benches:
+        return None
+    methods = [m for m in METHODS if any(m in results[b]["results"] for b in benches)]
+    cell = lambda r: f"{r['f1']:.1f} / {r['em']:.1f}" if r else "–"
+    rows = [[METHODS[m]] + [cell(results[b]["results"].get(m)) for b in benches] for m in methods]
+    gain = lambda r: f"{r['shine']['f1'] - r['naive']['f1']:+.1f}" if {"shine", "naive"} <= r.keys() else "–"
+    if "shine" in methods and "naive" in methods:
+        rows.append(["SHINE − naive (F1)"] + [gain(results[b]["results"]) for b in benches])
+    header = ["method"] + [f"{BENCHES[b]} (n={results[b]['n']})" for b in benches]
+    return "**Table 2 analogue**: answer F1 / EM (official SQuAD scorer; HotpotQA's yes/no rule on HotpotQA and 2Wiki).\n\n" + markdown_table(header, rows)
+
+
+def table1(report: dict | None) -> str | None:
+    """Table 1 analogue: F1 on held-out multi-turn conversations with amortizable and generation time."""
+    if report is None:
+        return None
+    rows = [[METHODS[m], f"{r['f1']:.1f}", f"{r['em']:.1f}", f"{r['amortizable_s']:.3f}", f"{r['generation_s']:.3f}"]
+            for m, r in ((m, report["results"][m]) for m in METHODS if m in report["results"])]
+    gpu = report.get("machine", {}).get("gpu") or report.get("machine", {}).get("cpu", "?")
+    return (f"**Table 1 analogue**: {report['n']} held-out CoQA conversations, every turn answered after the "
+            f"model's own earlier replies; seconds per conversation on {gpu}, batch {report['config']['batch_size']}.\n\n"
+            + markdown_table(["method", "F1", "EM", "amortizable s", "generation s"], rows))
+
+
+def curves_table(curves: dict | None) -> str | None:
+    """Figure 5 analogue in numbers: median PPL [P10, P90] per text-length bucket, per model and task."""
+    if curves is None:
+        return None
+    edges = curves["config"]["buckets"]
+    rows = []
+    for name, tasks in curves["summary"].items():
+        for task, s in tasks.items():
+            ppl = s["ppl"]
+            rows.append([name, {"recon": "reconstruction", "comp": "completion"}[task]] + [
+                f"{m:.2f} [{lo:.2f}, {hi:.2f}]" if m is not None else "–"
+                for m, lo, hi in zip(ppl["median"], ppl["p10"], ppl["p90"])])
+    n = curves["summary"][next(iter(curves["summary"]))]["recon"]["n"]
+    header = ["model", "task"] + [f"{a}–{b} tokens (n={k})" for a, b, k in zip(edges, edges[1:], n)]
+    return ("**Figure 5 analogue**: perplexity of the held-out WikiText-2 text under the generated LoRA, median "
+            "[P10, P90] by text length; base = the backbone without any LoRA.\n\n" + markdown_table(header, rows))
+
+
+def training_table(training: dict | None) -> str | None:
+    if training is None:
+        return None
+    p = training["parameters"]
+    held_out = lambda s: ", ".join(f"{k[4:-5]} {v:.3f}" for k, v in s.items() if k.startswith("val_") and k.endswith("_loss"))
+    rows = [[STAGE_NAMES.get(s["stage"], s["stage"]), str(s["steps"]), str(s["batch"]), f"{s['lr']:g}",
+             f"{s['minutes']:.1f}", f"{s['first_loss']:.3f} → {s['last_loss']:.3f}", held_out(s) or "–"]
+            for s in training["stages"]]
+    return (f"**Training**: {p['total']:,} trained parameters ({p['memory']:,} memory embeddings, {p['meta_lora']:,} "
+            f"Meta-LoRA, {p['m2p']:,} M2P), {training['bytes'] / 1e6:.1f} MB in bf16.\n\n"
+            + markdown_table(["stage", "steps", "batch", "peak lr", "training minutes", "train loss", "held-out loss"], rows))
+
+
+def speed_rows(report: dict, path: str = "") -> list[list[str]]:
+    """benchmarks/speed.py's measurements (nested dicts whose leaves carry "ms"), one row each, as its print_table."""
+    rows = []
+    for key, value in report.items():
+        name = f"{path}/{key}".lstrip("/")
+        if isinstance(value, dict) and "ms" in value:
+            rate = next((f"{value[k]:.4g} {k[:-2].replace('_', ' ')}/s" for k in ("contexts_s", "decode_tok_s", "tok_s")
+                         if k in value), "–")
+            cells = [f"{value[k]:{f}}" if k in value else "–" for k, f in
+                     (("tflops", ".4g"), ("mfu", ".1%"), ("x_base", ".3f"), ("peak_gib", ".4g"))]
+            rows.append([name, f"{value['ms']:.2f}", rate, *cells])
+        elif isinstance(value, dict) and key != "lengths":
+            rows += speed_rows(value, name)
+    return rows
+
+
+def speed_tables(directory: Path) -> list[str]:
+    tables = []
+    for path in sorted(Path(directory).glob("speed*.json")):
+        report = json.loads(path.read_text())
+        if rows := speed_rows(report):
+            header = ["measurement", "ms", "rate", "TFLOP/s", "MFU", "× base", "peak GiB"]
+            tables.append(f"**Speed** (`{path.name}`: {report.get('device', '?')}, shape {report.get('shape', '?')})"
+                          f"\n\n" + markdown_table(header, rows))
+    return tables
+
+
+def render(results_dir: Path = HERE) -> str:
+    shine = load(Path(results_dir) / "shine-135m")
+    parts = [table2(shine), table1(shine.get("coqa-heldout")), curves_table(shine.get("recon_curves")),
+             training_table(shine.get("training")), *speed_tables(results_dir)]
+    parts = [p for p in parts if p]
+    return "\n\n".join(parts) if parts else "_No results yet: see benchmarks/shine_135m.sh._"
+
+
+def update_readme(readme: Path, text: str) -> str | None:
+    """README text with `text` between the markers, or None when the markers are missing."""
+    old = readme.read_text() if readme.is_file() else ""
+    if START not in old or END not in old.split(START, 1)[1]:
+        return None
+    head, rest = old.split(START, 1)
+    return f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=HERE)
+    p.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
+    p.add_argument("--check", action="store_true", help="only check that the README is up to date")
+    args = p.parse_args(argv)
+    text = render(args.results)
+    new = update_readme(args.readme, text)
+    if new is None:
+        print(f"{args.readme} lacks the markers {START} / {END}; the tables:\n\n{text}")
+        return 1 if args.check else 0
+    if args.check:
+        stale = new != args.readme.read_text()
+        print(f"{args.readme} is {'out of date: run python results/render.py' if stale else 'up to date'}")
+        return int(stale)
+    args.readme.write_text(new)
+    print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
