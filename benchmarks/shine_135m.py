@@ -174,7 +174,7 @@ def main(argv=None):
     p.add_argument("--meta-ranks", default="32,40,48")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--m2p-layers", type=int, default=4)
-    p.add_argument("--minutes", default="7,6,5", help="timing: training minutes of pretrain, ift-mqa, ift-1qa")
+    p.add_argument("--minutes", default="6,6.5,6.5", help="timing: training minutes of pretrain, ift-mqa, ift-1qa")
     p.add_argument("--prep-seconds", default="45,45,75", help="timing: data preparation and loading per stage")
     p.add_argument("--data", type=Path, default=Path("runs/135m/data"))
     p.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "shine-smollm2-135m")

@@ -2,7 +2,7 @@
 # SHINE-135M (issue 7): the whole pipeline on SmolLM2-135M-Instruct, one subcommand per device call, each well
 # under 9 minutes on one H100. Several subcommands in one call run in order.
 #
-#   bash benchmarks/shine_135m.sh timing      # ~20 steps of each stage: ms/step, suggested *_STEPS, parameter counts
+#   bash benchmarks/shine_135m.sh timing      # ~20 steps of each stage: ms/step, *_STEPS for TIMING_MINUTES, parameters
 #   bash benchmarks/shine_135m.sh pretrain    # then ift-mqa, ift-1qa: each starts from the previous stage
 #   bash benchmarks/shine_135m.sh eval        # Table 2 (SQuAD, HotpotQA, MuSiQue, 2Wiki) and Table 1 (held-out CoQA)
 #   bash benchmarks/shine_135m.sh curves      # Figure 5: reconstruction / completion on WikiText-2 test
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 : "${PRETRAIN_STEPS:=1000}" "${PRETRAIN_BATCH:=16}" "${PRETRAIN_LR:=1e-3}"
 : "${MQA_STEPS:=520}" "${MQA_BATCH:=32}" "${MQA_LR:=3e-4}"        # 2 epochs of 8,329 conversations
 : "${ONEQA_STEPS:=590}" "${ONEQA_BATCH:=64}" "${ONEQA_LR:=1e-4}"  # 1 epoch of 37,636 questions
-: "${PART_SIZE:=15M}" "${HELDOUT:=50}" "${SQUAD_SAMPLE:=1000}" "${TIMING_STEPS:=20}" "${RESUME:=}"
+: "${PART_SIZE:=15M}" "${HELDOUT:=50}" "${SQUAD_SAMPLE:=1000}" "${TIMING_STEPS:=20}" "${TIMING_MINUTES:=6,6.5,6.5}" "${RESUME:=}"
 : "${EVAL_BATCH:=64}" "${EVAL_LIMIT:=}" "${MAX_NEW_TOKENS:=32}" "${EVAL_EXTRA:=}" "${BENCHES:=squad hotpotqa musique 2wiki coqa}"
 : "${CURVE_PER_BUCKET:=64}" "${CURVE_BATCH:=16}" "${CURVE_BUCKETS:=64,128,256,512,1150}"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
@@ -38,9 +38,9 @@ prepare() {  # the training files and held-out sets, once per machine
 
 have() { [ -f "$RUN/$1/latest" ] || [ -f "$RUN/export/$1/shine_config.json" ] || [ -f "$CKPT_IN/$1/SHA256SUMS" ]; }
 
-ckpt() {  # the newest checkpoint of a stage: this machine's run, else its bf16 export (restored from parts if needed)
+ckpt() {  # stage [bf16]: this machine's run (float32), else or with "bf16" its export (restored from parts if needed)
   local stage=$1
-  if [ -f "$RUN/$stage/latest" ]; then echo "$RUN/$stage/$(cat "$RUN/$stage/latest")"; return; fi
+  if [ -f "$RUN/$stage/latest" ] && [ -z "${2:-}" ]; then echo "$RUN/$stage/$(cat "$RUN/$stage/latest")"; return; fi
   if [ ! -f "$RUN/export/$stage/shine_config.json" ] && [ -f "$CKPT_IN/$stage/SHA256SUMS" ]; then
     bash benchmarks/unpack_checkpoint.sh "$CKPT_IN/$stage" "$RUN/export/$stage" >&2
   fi
@@ -73,7 +73,7 @@ split_parts() {  # src dst: hypernetwork.safetensors in <= 15 MiB parts, the JSO
 
 evaluate() {  # name bench methods [evaluate.py flags]
   local name=$1 bench=$2 methods=$3 final; shift 3
-  final=$(ckpt ift-1qa)
+  final=$(ckpt ift-1qa bf16)  # what gets shipped, so the README's numbers are the shipped checkpoint's
   $PY evaluate.py --bench "$bench" --method "$methods" --model "$MODEL" --shine-ckpt "$final" \
     --batch-size "$EVAL_BATCH" --max-new-tokens "$MAX_NEW_TOKENS" --max-context-tokens "$MAX_CONTEXT" --seed 42 \
     --out "$RESULTS/$name.json" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} "$@" $EVAL_EXTRA
@@ -97,7 +97,7 @@ for cmd in "$@"; do
           --grad-accum 1 --eval-every 1000000 --save-every 1000000 $TRAIN_EXTRA > "$RUN/timing/$stage.log" 2>&1 \
           || { tail -20 "$RUN/timing/$stage.log"; exit 1; }
       done
-      $PY benchmarks/shine_135m.py timing --run "$RUN" ;;
+      $PY benchmarks/shine_135m.py timing --run "$RUN" --minutes "$TIMING_MINUTES" ;;
     pretrain) prepare; train_stage pretrain "$PRETRAIN_STEPS" "$PRETRAIN_BATCH" "$PRETRAIN_LR" "$SHIFTS,$DATA/coqa_train.json.gz" ;;
     ift-mqa) prepare; train_stage ift-mqa "$MQA_STEPS" "$MQA_BATCH" "$MQA_LR" "$DATA/coqa_train.json.gz,$SHIFTS" pretrain ;;
     ift-1qa) prepare; train_stage ift-1qa "$ONEQA_STEPS" "$ONEQA_BATCH" "$ONEQA_LR" "$SHIFTS" ift-mqa ;;
@@ -114,10 +114,13 @@ for cmd in "$@"; do
       done ;;
     curves)
       specs=()  # the base model always; the pretraining and final checkpoints where they exist
-      if have pretrain; then path=$(ckpt pretrain); specs+=(--ckpt "pretrain=$path"); fi
-      if have ift-1qa; then path=$(ckpt ift-1qa); specs+=(--ckpt "final=$path"); fi
+      if have pretrain; then path=$(ckpt pretrain bf16); specs+=(--ckpt "pretrain=$path"); fi
+      if have ift-1qa; then path=$(ckpt ift-1qa bf16); specs+=(--ckpt "final=$path"); fi
+      # lines computed earlier (this machine's run, or a results file carried in the tree) are kept
+      [ -f "$RUN/recon_curves.json" ] || [ ! -f "$RESULTS/recon_curves.json" ] || cp "$RESULTS/recon_curves.json" "$RUN/"
       $PY benchmarks/recon_curves.py --model "$MODEL" --base "${specs[@]}" --buckets "$CURVE_BUCKETS" \
-        --per-bucket "$CURVE_PER_BUCKET" --batch-size "$CURVE_BATCH" --out "$RESULTS/recon_curves.json"
+        --per-bucket "$CURVE_PER_BUCKET" --batch-size "$CURVE_BATCH" --out "$RUN/recon_curves.json"
+      mkdir -p "$RESULTS" && cp "$RUN/recon_curves.json" "$RESULTS/"
       export_results "$RESULTS/recon_curves.json" ;;
     package)
       prepare  # the data list
