@@ -589,7 +589,8 @@ def _random_backbone(directory: Path, dtype, device):
     return model.eval(), tokenizer
 
 
-def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                  attn_implementation: str | None = None):
     """(model, tokenizer) from a hub id, a local directory, or the offline alias `smollm2-135m`.
 
     dtype None keeps the checkpoint's dtype (float32 for `smollm2-135m`). The tokenizer pads on the LEFT:
@@ -606,7 +607,8 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: s
         return _random_backbone(local, dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto",
+                                                     attn_implementation=attn_implementation)
     except OSError as error:
         if source is local:
             raise
