@@ -82,8 +82,8 @@ _SHIFTS = ",".join(str(_B[f"squadshifts-{d}"]) for d in ("new_wiki", "nyt", "red
 PRESETS = {"smollm2": {  # SmolLM2-135M-Instruct: Meta-LoRA rank 40 keeps the checkpoint under 48 MB in bf16
     # s * sqrt(r * I) sets the fresh update's size relative to the input (shine.py): s = 1e-3 * sqrt(4096 / 576)
     # gives H = 576 the relative start the paper's s = 1e-3 gives Qwen3-8B
-    "all": dict(model=data.SMOLLM2_ALIAS, meta_lora_rank=40, lora_scale=2.7e-3, max_context=1150, max_answer=1400, grad_accum=1,
-                batch_size=4, eval_every=50, save_every=100),
+    "all": dict(model=data.SMOLLM2_ALIAS, meta_lora_rank=40, lora_scale=2.7e-3, max_context=1150, max_answer=1400,
+                grad_accum=1, batch_size=4, eval_every=50, save_every=100),
     "pretrain": dict(data=f"{_SHIFTS},{_B['coqa']}", lr=3e-4),
     "ift-mqa": dict(data=f"{_B['coqa']},{_SHIFTS}", lr=2e-4),
     "ift-1qa": dict(data=_SHIFTS, lr=1e-4),
