@@ -270,7 +270,8 @@ def _positions(mask: Tensor) -> Tensor:
 
 def _check_context(ids: Tensor, mask: Tensor, num_memory: int, window: int | None) -> None:
     if ids.dim() != 2 or ids.shape != mask.shape:
-        raise ValueError(f"context_ids and context_mask must both be (B, N); got {tuple(ids.shape)}, {tuple(mask.shape)}")
+        raise ValueError(f"context_ids and context_mask must both be (B, N); got {tuple(ids.shape)}, "
+                         f"{tuple(mask.shape)}")
     lengths = mask.sum(-1)
     if ids.shape[1] == 0 or (lengths == 0).any():
         raise ValueError("empty context: every row needs at least one token")
@@ -504,7 +505,8 @@ class Shine(nn.Module):
         report["total"] = sum(report.values())
         report["llm"] = count(self.llm)
         c = self.config
-        report["eq45_estimate"] = (c.m2p_layers / self.num_layers + 2 * c.meta_lora_rank / self.hidden_size) * report["llm"]
+        ratio = c.m2p_layers / self.num_layers + 2 * c.meta_lora_rank / self.hidden_size
+        report["eq45_estimate"] = ratio * report["llm"]
         return report
 
     def backbone_signature(self) -> dict:
@@ -539,7 +541,8 @@ class Shine(nn.Module):
         meta = json.loads((directory / "shine_config.json").read_text())
         shine = cls(llm, ShineConfig(**meta["shine"]))
         saved, ours = meta["backbone"], shine.backbone_signature()
-        if {k: saved[k] for k in ("num_layers", "hidden_size", "shapes")} != {k: ours[k] for k in ("num_layers", "hidden_size", "shapes")}:
+        shape_keys = ("num_layers", "hidden_size", "shapes")
+        if any(saved[k] != ours[k] for k in shape_keys):
             raise ValueError(f"checkpoint {directory} was trained on {saved['name_or_path'] or 'another backbone'} "
                              f"(L={saved['num_layers']}, H={saved['hidden_size']}, linears {saved['shapes']}); this "
                              f"backbone has L={ours['num_layers']}, H={ours['hidden_size']}, linears {ours['shapes']}")

@@ -376,7 +376,8 @@ def main(argv=None) -> dict:
     cuda = device.type == "cuda"
     autocast = lambda: torch.autocast("cuda", torch.bfloat16) if cuda and not cfg.fsdp else nullcontext()
     permutations = {}  # epoch -> order; the data position is just the step, so resuming replays nothing
-    order = lambda e: permutations.setdefault(e, torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + e)))
+    order = lambda e: permutations.setdefault(
+        e, torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + e)))
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     log, record = Path(cfg.out_dir) / "log.jsonl", {}
     model.train()
