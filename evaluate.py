@@ -37,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from shine import LLAMA_LINEARS, Shine, decoder_layers, lora_applied, lora_shapes
+from convert import load_any_checkpoint  # ours, the authors' released files, or a hub id of either
+from shine import LLAMA_LINEARS, decoder_layers, lora_applied, lora_shapes
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "shine-smollm2-135m"  # used for smollm2-135m when it exists
@@ -252,7 +253,7 @@ def main(argv=None) -> dict:
         if not records:
             raise ValueError(f"no examples to evaluate in {args.bench}")
         ckpt = args.shine_ckpt or default_checkpoint(args.model)
-        shine = Shine.from_pretrained(model, ckpt).eval() if ckpt and "shine" in args.methods else None
+        shine = load_any_checkpoint(model, ckpt).eval() if ckpt and "shine" in args.methods else None
     except (ValueError, OSError, RuntimeError) as error:  # unknown bench, missing file, mismatched checkpoint, ...
         raise SystemExit(f"evaluate.py: {error}") from error
     if shine is not None:

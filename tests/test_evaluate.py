@@ -277,7 +277,7 @@ def test_clear_errors(tiny_dir, tmp_path):
         run(tiny_dir, tmp_path, "--data-file", str(tmp_path / "nowhere.json"))
     with pytest.raises(SystemExit, match="trained on .*L=3, H=48.*this backbone has L=2, H=64"):
         run(tiny_dir, tmp_path, "--method", "shine", "--shine-ckpt", str(tiny_dir / "llama"))
-    with pytest.raises(SystemExit, match="holds no shine_config.json"):
+    with pytest.raises(SystemExit, match="holds neither our checkpoint"):
         run(tiny_dir, tmp_path, "--method", "shine", "--shine-ckpt", str(tmp_path))
     with pytest.raises(SystemExit):  # argparse: exit code 2 and the list of methods
         ev.parse_args(["--method", "magic"])
