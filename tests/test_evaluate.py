@@ -294,8 +294,12 @@ def test_default_command_runs_offline_on_smollm2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     report = ev.main(["--limit", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "r.json")])
     assert report["bench"] == "hotpotqa" and report["backbone"]["name"] == "smollm2-135m"
-    assert list(report["results"]) == ["naive", "in-context"] and report["n"] == 2
     out = capsys.readouterr().out
-    assert "shine needs --shine-ckpt" in out and "in-context" in out
+    if ev.default_checkpoint("smollm2-135m"):  # the shipped SHINE-135M checkpoint is the embedded default
+        assert list(report["results"]) == ["naive", "in-context", "shine"] and report["n"] == 2
+        assert report["checkpoint"] == str(ev.DEFAULT_CKPT)
+    else:
+        assert list(report["results"]) == ["naive", "in-context"] and report["n"] == 2
+        assert "shine needs --shine-ckpt" in out and "in-context" in out
     # a real chat model answers in text; the first question is a yes/no one ("same nationality?")
     assert all(p["raw"].strip() for r in report["results"].values() for p in r["predictions"])
