@@ -326,8 +326,8 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int):
     """The backbone (bf16 on GPU; fp32 under FSDP, which casts to bf16 itself) and SHINE, wrapped for DDP/FSDP."""
     cuda = device.type == "cuda"
     try:
-        llm, tokenizer = data.load_backbone(cfg.model, torch.bfloat16 if cuda and not cfg.fsdp else torch.float32,
-                                            attn_implementation=cfg.attn or None)
+        attn = {"attn_implementation": cfg.attn} if cfg.attn else {}
+        llm, tokenizer = data.load_backbone(cfg.model, torch.bfloat16 if cuda and not cfg.fsdp else torch.float32, **attn)
     except OSError as error:
         raise SystemExit(f"{error}\nOffline? `--preset smollm2` trains on a bundled model and bundled real text.")
     shine_config = ShineConfig(lora_rank=cfg.lora_rank, meta_lora_rank=cfg.meta_lora_rank, m2p_layers=cfg.m2p_layers,
