@@ -327,7 +327,8 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int):
     cuda = device.type == "cuda"
     try:
         attn = {"attn_implementation": cfg.attn} if cfg.attn else {}
-        llm, tokenizer = data.load_backbone(cfg.model, torch.bfloat16 if cuda and not cfg.fsdp else torch.float32, **attn)
+        dtype = torch.bfloat16 if cuda and not cfg.fsdp else torch.float32
+        llm, tokenizer = data.load_backbone(cfg.model, dtype, **attn)
     except OSError as error:
         raise SystemExit(f"{error}\nOffline? `--preset smollm2` trains on a bundled model and bundled real text.")
     shine_config = ShineConfig(lora_rank=cfg.lora_rank, meta_lora_rank=cfg.meta_lora_rank, m2p_layers=cfg.m2p_layers,
