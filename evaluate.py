@@ -158,6 +158,7 @@ def sync(device) -> float:
     return time.perf_counter()
 
 
+@torch.no_grad()  # SHINE's memory pass must not keep activations for a backward (sft enables grad itself)
 def run_method(method: str, records, model, tokenizer, shine, args) -> dict:
     """Answer every turn of every record; returns metrics, times and per-example predictions."""
     torch.manual_seed(args.seed)
