@@ -13,7 +13,8 @@ Notable choices:
 - LoRA tensors keep the paper's layout, A (I, r) and B (r, O), so the update is x @ A @ B. A generated LoRA
   has a leading batch axis: each sequence of a batch carries its own adapter.
 - The generated update is s * x @ A @ B with s = 1e-3, folded in as sqrt(s) on each factor (as the authors'
-  code). M2P ends in a LayerNorm, so its outputs are O(1) and a fresh SHINE barely moves the base model.
+  code). M2P ends in a LayerNorm, so its outputs are O(1) and a fresh update is about s * sqrt(r * I) times the
+  input per element: small enough that the base model's predictions survive (tested), not zero.
 - Contexts are left-padded. The memory tokens then sit at the same positions (the last M) in every row, so the
   memory states are a slice rather than a gather; position ids come from the attention mask, so a padded row
   sees the same rotary positions as it would alone.
