@@ -575,18 +575,15 @@ def smollm2_dir() -> Path:
     return directory
 
 
-def _random_backbone(directory: Path, dtype, device):
+def _random_model(directory: Path, dtype, device, attn_implementation):
     """A directory with a config (and tokenizer) but no weights: random weights, built on `device` directly.
     For speed and memory measurements at a real model's shape without downloading it (issue 6)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     warnings.warn(f"{directory} holds no weights: RANDOM initialisation, good for timing only")
     with torch.device(device or "cpu"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype or torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype or torch.bfloat16,
+                                                attn_implementation=attn_implementation)
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
@@ -603,12 +600,14 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: s
     if not local.is_dir() and name_or_path.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"no model directory at {name_or_path}")
     source = local if local.is_dir() else name_or_path
-    if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
-        return _random_backbone(local, dtype, device)
+    weightless = local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto",
-                                                     attn_implementation=attn_implementation)
+        if weightless:
+            model = _random_model(local, dtype, device, attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto",
+                                                         attn_implementation=attn_implementation)
     except OSError as error:
         if source is local:
             raise

@@ -183,13 +183,14 @@ def build_examples(tokenizer, sources: str, cfg: TrainConfig, seed: int, show: b
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Contexts left-padded (memory tokens follow them, see shine.py); answering chats right-padded."""
-    def padded(rows, value, left):
+    def right_padded(rows, value):
         width = max(len(r) for r in rows)
-        return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
-    ctx, ids = [e["context"] for e in examples], [e["input_ids"] for e in examples]
-    return {"context_ids": padded(ctx, pad_id, True), "context_mask": padded([[1] * len(c) for c in ctx], 0, True),
-            "input_ids": padded(ids, pad_id, False), "attention_mask": padded([[1] * len(i) for i in ids], 0, False),
-            "labels": padded([e["labels"] for e in examples], -100, False)}
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+    context_ids, context_mask = data.left_pad([e["context"] for e in examples], pad_id)
+    ids = [e["input_ids"] for e in examples]
+    return {"context_ids": context_ids, "context_mask": context_mask, "input_ids": right_padded(ids, pad_id),
+            "attention_mask": right_padded([[1] * len(i) for i in ids], 0),
+            "labels": right_padded([e["labels"] for e in examples], -100)}
 
 
 # ----------------------------------------------------------------------------- optimisation
