@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import flops
 from shine import Shine, ShineConfig, decoder_layers
 
 RECON, COMP = "<RECON>", "<COMP>"
@@ -69,6 +70,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = 42
     attn: str = ""  # the backbone's attention implementation ("eager", "sdpa", ...); "" = transformers' default
+    peak_tflops: float = 989.0  # the GPU's dense bf16 peak, for the log's MFU (H100 SXM: 989; PCIe: 756)
 
 
 STAGES = {  # the paper's per-stage settings (5.1-5.2) and data (the authors' hub collections)
@@ -210,6 +212,20 @@ def make_optimizer(shine: Shine, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=False)
 
 
+def step_flops(shape: flops.Shape, micro_batches: list[dict], cfg: TrainConfig) -> float:
+    """Model FLOPs of this process's share of one step (flops.py, backward = 2 x forward), real tokens only:
+    the memory pass with the Meta-LoRA and the M2P per context, the answer pass with the LoRA and the LM head on
+    the labelled positions. Padding is work the GPU does but the model does not need, so it does not count."""
+    total = 0
+    for b in micro_batches:
+        rows = zip(b["context_mask"].sum(1).tolist(), b["attention_mask"].sum(1).tolist(),
+                   (b["labels"] != -100).sum(1).tolist())
+        for context, answer, labelled in rows:
+            total += flops.shine_flops(shape, context, cfg.lora_rank, cfg.m2p_layers, cfg.meta_lora_rank)["total"]
+            total += flops.llm_flops(shape, answer, logits=labelled, lora_rank=cfg.lora_rank)["total"]
+    return 3 * total
+
+
 def loss_of_step(model, micro_batches: list[dict], world: int, autocast) -> float:
     """One optimiser step's forward/backward: the mean over every answer token of the global batch."""
     count = torch.tensor(float(sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)))
@@ -329,7 +345,7 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int):
     try:
         attn = {"attn_implementation": cfg.attn} if cfg.attn else {}
         dtype = torch.bfloat16 if cuda and not cfg.fsdp else torch.float32
-        llm, tokenizer = data.load_backbone(cfg.model, dtype, **attn)
+        llm, tokenizer = data.load_backbone(cfg.model, dtype, device, **attn)  # a config-only dir: built there
     except OSError as error:
         raise SystemExit(f"{error}\nOffline? `--preset smollm2` trains on a bundled model and bundled real text.")
     shine_config = ShineConfig(lora_rank=cfg.lora_rank, meta_lora_rank=cfg.meta_lora_rank, m2p_layers=cfg.m2p_layers,
@@ -376,6 +392,7 @@ def main(argv=None) -> dict:
     if cfg.resume and latest_checkpoint(cfg.out_dir):
         step = load_checkpoint(shine, optimizer, latest_checkpoint(cfg.out_dir))
     cuda = device.type == "cuda"
+    shape = flops.Shape.from_config(shine.llm.config)
     autocast = lambda: torch.autocast("cuda", torch.bfloat16) if cuda and not cfg.fsdp else nullcontext()
     permutations = {}  # epoch -> order; the data position is just the step, so resuming replays nothing
     order = lambda e: permutations.setdefault(
@@ -398,6 +415,10 @@ def main(argv=None) -> dict:
         ms = 1000 * (time.perf_counter() - t0)
         tokens = world * sum(b["context_mask"].sum().item() + b["attention_mask"].sum().item() for b in micro)
         record = {"step": step, "loss": loss, "lr": lr, "ms": ms, "tok_s": tokens / ms * 1e3}
+        if cuda:  # per GPU: this rank's model FLOPs and memory
+            tflops = step_flops(shape, micro, cfg) / ms / 1e9
+            record |= {"tflops": tflops, "mfu": tflops / cfg.peak_tflops,
+                       "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
         if step % cfg.eval_every == 0 or step == total:
             model.eval()
             for name, val_examples in val.items():

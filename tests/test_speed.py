@@ -21,7 +21,7 @@ FIELDS = {  # every measurement the lead's table and the README need
     "gen": ({"fp32_autocast_b1", "bf16_b1", "bf16_b8"},
             {"ms", "peak_gib", "ms_per_context", "contexts_s", "tflops", "predicted_gib"}),
     "train": ({"no_ckpt", "ckpt"}, {"ms", "peak_gib", "tok_s", "tflops", "mfu", "predicted_gib"}),
-    "compile": ({"base", "hooks"}, {"ms", "peak_gib", "tok_s", "prefill_ms", "ms_per_step", "decode_tok_s",
+    "compile": ({"base", "hooks", "merged"}, {"ms", "peak_gib", "tok_s", "prefill_ms", "ms_per_step", "decode_tok_s",
                                     "predicted_gib"}),
 }
 DECODE = {"ms", "peak_gib", "tok_s", "prefill_ms", "ms_per_step", "decode_tok_s", "predicted_gib"}
@@ -128,6 +128,10 @@ def test_compiled_decoding_uses_hooks_added_after_an_earlier_compile(monkeypatch
             assert torch.equal(model.generate(ids, **greedy, **compiled), adapted)
         assert not torch.equal(adapted, base)
         assert torch.equal(model.generate(ids, **greedy, **compiled), base)  # and the hooks are gone again
+        with shine.lora_merged(model, lora):  # merged in place: the base's compiled step sees the new weights
+            assert torch.equal(model.generate(ids, **greedy, **compiled), model.generate(ids, **greedy))
+            assert not torch.equal(model.generate(ids, **greedy, **compiled), base)
+        assert torch.equal(model.generate(ids, **greedy, **compiled), base)
     torch._dynamo.reset()
 
 

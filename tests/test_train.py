@@ -78,6 +78,22 @@ def test_collate_pads_contexts_left_and_chats_right():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]] and batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
 
 
+def test_step_flops_count_real_tokens_only():
+    """MFU in the log counts model FLOPs: padding a row to its batch's width must not add any."""
+    import flops
+
+    shape = flops.Shape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=512)
+    cfg = train.TrainConfig(meta_lora_rank=4)
+    short = {"context": [5] * 7, "input_ids": [1, 2, 3], "labels": [-100, 2, 3]}
+    long = {"context": [5] * 30, "input_ids": [1] * 12, "labels": [-100] * 4 + [1] * 8}
+    alone = sum(train.step_flops(shape, [train.collate([e], 0)], cfg) for e in (short, long))
+    assert train.step_flops(shape, [train.collate([short, long], 0)], cfg) == alone
+    forward = flops.shine_flops(shape, 7, rank=8, m2p_layers=4, meta_rank=4)["total"]
+    forward += flops.llm_flops(shape, 3, logits=2, lora_rank=8)["total"]  # 2 of the 3 answer tokens are labelled
+    expected = 3 * forward
+    assert train.step_flops(shape, [train.collate([short], 0)], cfg) == expected
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [train.lr_at(s, total=10, warmup=2, peak=1.0) for s in range(10)]
     assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] == pytest.approx(0.125) and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
