@@ -417,7 +417,7 @@ def main(argv=None) -> dict:
         record = {"step": step, "loss": loss, "lr": lr, "ms": ms, "tok_s": tokens / ms * 1e3}
         if cuda:  # per GPU: this rank's model FLOPs and memory
             tflops = step_flops(shape, micro, cfg) / ms / 1e9
-            record |= {"tflops": tflops, "mfu": tflops / cfg.peak_tflops,
+            record |= {"gpus": world, "tflops": tflops, "mfu": tflops / cfg.peak_tflops,
                        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
         if step % cfg.eval_every == 0 or step == total:
             model.eval()

@@ -16,10 +16,13 @@ FIELDS = ("ms", "tok_s", "tflops", "mfu", "peak_gib")
 def summarise(run: Path, skip: int) -> dict:
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     latest = run / "latest"
-    config = json.loads((run / latest.read_text().strip() / "train_config.json").read_text()) if latest.is_file() else {}
+    config = {}
+    if latest.is_file():
+        config = json.loads((run / latest.read_text().strip() / "train_config.json").read_text())
     timed = log[skip:] or log
     row = {"run": str(run), "steps": len(log), "timed_steps": len(timed), "model": config.get("model"),
-           "stage": config.get("stage"), "batch": config.get("batch_size"), "fsdp": config.get("fsdp")}
+           "stage": config.get("stage"), "batch": config.get("batch_size"), "fsdp": config.get("fsdp"),
+           "gpus": log[-1].get("gpus")}
     for field in FIELDS:
         values = [r[field] for r in timed if field in r]
         row[field] = statistics.median(values) if values else None
@@ -41,7 +44,10 @@ def main(argv=None) -> list[dict]:
         print(f"{r['run'][-40:]:40} {r['steps']:>5} {fmt(r['ms'], '8.0f')} {fmt(r['tok_s'], '8.0f')} "
               f"{fmt(r['tflops'], '8.1f')} {fmt(r['mfu'], '6.1%')} {fmt(r['peak_gib'], '8.1f')}")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
+        import torch  # only for the card's name, recorded with the numbers
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        args.out.write_text(json.dumps({"device": device, "runs": rows}, indent=1))
     return rows
 
 

@@ -4,8 +4,9 @@
     python results/render.py --check    # exit 1 if README.md is out of date with results/
 
 Reads results/shine-135m/: {squad,hotpotqa,musique,2wiki}.json and coqa-heldout.json (evaluate.py reports),
-recon_curves.json (benchmarks/recon_curves.py), training.json (benchmarks/shine_135m.py package), and
-results/speed*.json (benchmarks/speed.py). Missing files are skipped.
+recon_curves.json (benchmarks/recon_curves.py), training.json (benchmarks/shine_135m.py package),
+results/train_*.json (benchmarks/train_summary.py) and results/speed*.json (benchmarks/speed.py). Missing files are
+skipped.
 """
 import argparse
 import json
@@ -95,6 +96,8 @@ def speed_rows(report: dict, path: str = "") -> list[list[str]]:
         if isinstance(value, dict) and "ms" in value:
             rate = next((f"{value[k]:.4g} {k[:-2].replace('_', ' ')}/s" for k in ("contexts_s", "decode_tok_s", "tok_s")
                          if k in value), "–")
+            if "scaling_efficiency" in value:  # FSDP: tok/s is per GPU; the scaling is against one GPU
+                rate += f" per GPU, scaling {value['scaling_efficiency']:.0%}"
             cells = [f"{value[k]:{f}}" if k in value else "–" for k, f in
                      (("tflops", ".4g"), ("mfu", ".1%"), ("x_base", ".3f"), ("peak_gib", ".4g"))]
             rows.append([name, f"{value['ms']:.2f}", rate, *cells])
@@ -114,10 +117,26 @@ def speed_tables(directory: Path) -> list[str]:
     return tables
 
 
+def train_tables(directory: Path) -> list[str]:
+    """benchmarks/train_summary.py's reports (train.py runs at a model's shape): one row per stage."""
+    tables = []
+    for path in sorted(Path(directory).glob("train_*.json")):
+        report = json.loads(path.read_text())
+        fmt = lambda v, spec: format(v, spec) if v is not None else "–"
+        gpus = lambda r: str(r.get("gpus") or 1) + (" (FSDP)" if r["fsdp"] else "")
+        rows = [[Path(r["model"] or "?").name, r["stage"] or "?", gpus(r), str(r["batch"]), f"{r['timed_steps']} of {r['steps']}", fmt(r["ms"], ".0f"), fmt(r["tok_s"], ".4g"),
+                 fmt(r["tflops"], ".4g"), fmt(r["mfu"], ".1%"), fmt(r["peak_gib"], ".4g")] for r in report["runs"]]
+        header = ["shape", "stage", "GPUs", "batch / GPU", "steps timed", "ms / step", "tok/s (all GPUs)",
+                  "TFLOP/s / GPU", "MFU", "peak GiB"]
+        tables.append(f"**train.py** (`{path.name}`: {report['device']}; random weights, bundled data, medians)\n\n"
+                      + markdown_table(header, rows))
+    return tables
+
+
 def render(results_dir: Path = HERE) -> str:
     shine = load(Path(results_dir) / "shine-135m")
     parts = [table2(shine), table1(shine.get("coqa-heldout")), curves_table(shine.get("recon_curves")),
-             training_table(shine.get("training")), *speed_tables(results_dir)]
+             training_table(shine.get("training")), *train_tables(results_dir), *speed_tables(results_dir)]
     parts = [p for p in parts if p]
     return "\n\n".join(parts) if parts else "_No results yet: see benchmarks/shine_135m.sh._"
 

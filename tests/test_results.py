@@ -62,6 +62,13 @@ def write_results(directory):
              "gen": {"c1150_b1": {"ms": 12.5, "contexts_s": 81.0, "tflops": 123.4, "peak_gib": 17.5}},
              "train": {"plain": {"ms": 1000.0, "tok_s": 2300.0, "mfu": 0.412, "peak_gib": 40.0}, "ckpt": {"error": "OOM"}}}
     (directory / "speed_h100.json").write_text(json.dumps(speed))
+    fsdp = {"device": "NVIDIA H100 80GB HBM3", "shape": "qwen3-8b",
+            "train": {"no_ckpt": {"ms": 1200.0, "tok_s": 1900.0, "mfu": 0.108, "scaling_efficiency": 0.41}}}
+    (directory / "speed_h100x2_fsdp.json").write_text(json.dumps(fsdp))
+    runs = [{"run": "runs/shapes/qwen3-8b/pretrain", "steps": 30, "timed_steps": 27, "model": "benchmarks/shapes/qwen3-8b",
+             "stage": "pretrain", "batch": 1, "fsdp": True, "gpus": 2, "ms": 676.1, "tok_s": 2921.4, "tflops": 171.66,
+             "mfu": 0.1736, "peak_gib": 46.96}]
+    (directory / "train_h100x2.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "runs": runs}))
 
 
 def test_tables_from_results(tmp_path):
@@ -84,11 +91,14 @@ def test_tables_from_results(tmp_path):
         "**Speed** (`speed_h100.json`: NVIDIA H100 80GB HBM3, shape qwen3-8b)",
         "| gen/c1150_b1 | 12.50 | 81 contexts/s | 123.4 | – | – | 17.5 |",
         "| train/plain | 1000.00 | 2300 tok/s | – | 41.2% | – | 40 |",
+        "| train/no_ckpt | 1200.00 | 1900 tok/s per GPU, scaling 41% | – | 10.8% | – | – |",
+        "**train.py** (`train_h100x2.json`: NVIDIA H100 80GB HBM3; random weights, bundled data, medians)",
+        "| qwen3-8b | pretrain | 2 (FSDP) | 1 | 27 of 30 | 676 | 2921 | 171.7 | 17.4% | 46.96 |",
     ]
     for line in expected:
         assert line in lines, line
     assert "seconds per conversation on NVIDIA H100 80GB HBM3, batch 64" in lines[lines.index(expected[5]) - 2]
-    assert sum(line.startswith("| train/") for line in lines) == 1  # the failed measurement has no row
+    assert sum(line.startswith("| train/") for line in lines) == 2  # the failed measurement has no row
     assert "32,010 trained parameters (10 memory embeddings, 2,000 Meta-LoRA, 30,000 M2P), 0.1 MB in bf16." in render.render(tmp_path)
 
 

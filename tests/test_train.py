@@ -87,7 +87,8 @@ def test_step_flops_count_real_tokens_only():
     short = {"context": [5] * 7, "input_ids": [1, 2, 3], "labels": [-100, 2, 3]}
     long = {"context": [5] * 30, "input_ids": [1] * 12, "labels": [-100] * 4 + [1] * 8}
     alone = sum(train.step_flops(shape, [train.collate([e], 0)], cfg) for e in (short, long))
-    assert train.step_flops(shape, [train.collate([short, long], 0)], cfg) == alone
+    padded = train.collate([short, long], 0)
+    assert train.step_flops(shape, [padded], cfg) == alone
     forward = flops.shine_flops(shape, 7, rank=8, m2p_layers=4, meta_rank=4)["total"]
     forward += flops.llm_flops(shape, 3, logits=2, lora_rank=8)["total"]  # 2 of the 3 answer tokens are labelled
     expected = 3 * forward
