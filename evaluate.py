@@ -22,6 +22,7 @@ Notable choices:
 """
 import argparse
 import json
+import os
 import platform
 import random
 import re
@@ -208,7 +209,8 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": cpu, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "cpu": cpu, "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def default_checkpoint(model: str) -> Path | None:

@@ -7,7 +7,9 @@ The protocol is pretraining's (section 5.1, train.pretrain_example with one text
 (reconstruction) or the text without its last k ~ U(0.1N, 0.3N) tokens (completion) and writes a LoRA; the LLM,
 which never sees the context, then answers a "<RECON>" / "<COMP>" user turn with the whole text. Each example's
 loss is the mean cross-entropy over its answer tokens (the text and the end-of-turn token), PPL = exp(loss).
-`--base` adds the backbone with no LoRA at all: how well the text can be guessed without the context.
+`--base` adds the backbone with no LoRA at all: how well the text can be guessed without the context. For each
+checkpoint, the control "recon_other" reconstructs each text under the LoRA of another text of similar length: the
+gap between it and "recon" is what the LoRA knows about its own text (completion hides only the text's tail).
 
 Texts: consecutive token chunks of the WikiText-2 test articles (data/wikitext-2, never trained on), lengths drawn
 log-uniformly in [first edge, last edge] (seeded), up to --per-bucket per length bucket; an example's bucket is its
@@ -31,6 +33,9 @@ import train  # noqa: E402
 from shine import Shine, ShineConfig  # noqa: E402
 
 TASKS = {"recon": 1.0, "comp": 0.0}  # task -> recon_prob of train.pretrain_example
+# the control: reconstruction under the LoRA written from ANOTHER text of about the same length. Its gap to "recon"
+# is what the LoRA carries about its own text; "comp" differs from "recon" only in the text's last 10-30%.
+CONTROL = "recon_other"
 
 
 def bucket_of(n: int, edges: list[int]) -> int | None:
@@ -55,6 +60,11 @@ def chunks(token_lists: list[list[int]], edges: list[int], per_bucket: int, seed
             start += n
     picked = [c for group in by_bucket for c in rng.sample(group, min(per_bucket, len(group)))]
     return sorted(picked, key=len)
+
+
+def with_other_contexts(examples: list[dict]) -> list[dict]:
+    """Each example with the next one's context (examples sorted by length: a neighbour of similar length)."""
+    return [{**e, "context": examples[(i + 1) % len(examples)]["context"]} for i, e in enumerate(examples)]
 
 
 def zero_lora(shine: Shine) -> dict:
@@ -125,8 +135,10 @@ def main(argv=None) -> dict:
     for name, ckpt in models:
         shine = (Shine.from_pretrained(llm, ckpt) if ckpt else Shine(llm, ShineConfig(lora_rank=1, meta_lora_rank=1, m2p_layers=1))).eval()
         report["checkpoints"][name] = ckpt
+        report.setdefault("devices", {})[name] = str(llm.device) if device == "cpu" else torch.cuda.get_device_name()
+        tasks = examples if ckpt is None else examples | {CONTROL: with_other_contexts(examples["recon"])}
         report["losses"][name] = {t: example_losses(shine, ex, args.batch_size, pad_id, ckpt is None)
-                                  for t, ex in examples.items()}
+                                  for t, ex in tasks.items()}
         report["summary"][name] = {t: summarize(lengths, v, edges) for t, v in report["losses"][name].items()}
         for task, s in report["summary"][name].items():
             print(f"{name:<9}{task:<6} median PPL by bucket " + "  ".join(

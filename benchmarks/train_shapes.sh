@@ -13,7 +13,11 @@ shape=$1; read -r -a steps <<< "$2"; read -r -a batches <<< "$3"
 : "${LAUNCH:=python3}" "${FSDP:=}" "${RUN:=runs/shapes/$shape${FSDP:+-fsdp}}" "${META_RANK:=128}" "${TOKENIZER:=}"
 : "${EXTRA:=}"
 model=benchmarks/shapes/$shape
-[ -z "$TOKENIZER" ] || cp "$TOKENIZER"/* "$model/"
+if [ -n "$TOKENIZER" ]; then  # the tokenizer files only: weights beside the config would be loaded as the model's
+  for f in tokenizer.json tokenizer_config.json chat_template.jinja special_tokens_map.json; do
+    [ ! -f "$TOKENIZER/$f" ] || cp "$TOKENIZER/$f" "$model/"
+  done
+fi
 stages=(pretrain ift-mqa ift-1qa); runs=(); init=()
 for i in "${!steps[@]}"; do
   stage=${stages[$i]}; rm -rf "${RUN:?}/$stage"

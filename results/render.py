@@ -51,7 +51,9 @@ def table1(report: dict | None) -> str | None:
         return None
     rows = [[METHODS[m], f"{r['f1']:.1f}", f"{r['em']:.1f}", f"{r['amortizable_s']:.3f}", f"{r['generation_s']:.3f}"]
             for m, r in ((m, report["results"][m]) for m in METHODS if m in report["results"])]
-    gpu = report.get("machine", {}).get("gpu") or report.get("machine", {}).get("cpu", "?")
+    machine = report.get("machine", {})
+    cores = f" ({machine['cpu_count']} cores)" if machine.get("cpu_count") else ""
+    gpu = machine.get("gpu") or machine.get("cpu", "?") + cores
     return (f"**Table 1 analogue**: {report['n']} held-out CoQA conversations, every turn answered after the "
             f"model's own earlier replies; seconds per conversation on {gpu}, batch {report['config']['batch_size']}.\n\n"
             + markdown_table(["method", "F1", "EM", "amortizable s", "generation s"], rows))
@@ -66,7 +68,7 @@ def curves_table(curves: dict | None) -> str | None:
     for name, tasks in curves["summary"].items():
         for task, s in tasks.items():
             ppl = s["ppl"]
-            rows.append([name, {"recon": "reconstruction", "comp": "completion"}[task]] + [
+            rows.append([name, {"recon": "reconstruction", "comp": "completion", "recon_other": "reconstruction, other text's LoRA"}[task]] + [
                 f"{m:.2f} [{lo:.2f}, {hi:.2f}]" if m is not None else "–"
                 for m, lo, hi in zip(ppl["median"], ppl["p10"], ppl["p90"])])
     n = curves["summary"][next(iter(curves["summary"]))]["recon"]["n"]

@@ -144,6 +144,13 @@ def test_chunks_are_consecutive_slices_within_the_buckets():
         assert c == list(range(c[0], c[0] + len(c))) and c[0] // 1000 == c[-1] // 1000
 
 
+def test_control_pairs_each_answer_with_a_neighbours_context():
+    examples = [{"context": [i] * (i + 1), "input_ids": [10 + i], "labels": [10 + i]} for i in range(3)]
+    other = curves.with_other_contexts(examples)
+    assert [e["context"] for e in other] == [[1, 1], [2, 2, 2], [0]]
+    assert [e["input_ids"] for e in other] == [[10], [11], [12]] and examples[0]["context"] == [0]
+
+
 def test_per_example_losses_match_one_example_at_a_time():
     """Batched, left/right-padded per-example losses equal Shine.forward on each example alone; "base" equals the
     Hugging Face loss of the bare backbone (the zero LoRA adds nothing)."""
