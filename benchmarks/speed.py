@@ -13,9 +13,9 @@ Issue 6; benchmarks/README.md defines every number. Medians of repeated runs aft
 - train: one step of the pretraining shape as train.py runs it, without and with activation checkpointing; MFU
   counts 3 x flops.py's forward FLOPs (backward = 2x forward) against --peak-tflops.
 - compile: batch-1 decode with a static KV cache, its decoding step compiled by HF (CUDA graphs): hooks, base, and
-  the adapter merged into the base's weights (the same compiled step, replayed). Hook guards are
-  turned on: dynamo skips them by default, and a step compiled without the hooks would then silently be reused
-  inside lora_applied, decoding without the adapter.
+  the adapter merged into the base's weights (the same compiled step, replayed). Hook guards are turned on: dynamo
+  skips them by default, and a step compiled without the hooks would then silently be reused inside lora_applied,
+  decoding without the adapter.
 """
 import argparse
 import gc
