@@ -3,8 +3,8 @@
     python train.py --stage pretrain                                   # one GPU (or the CPU)
     torchrun --nproc_per_node=8 train.py --stage pretrain              # DDP
     torchrun --nproc_per_node=2 train.py --stage pretrain --fsdp       # FSDP2: the frozen LLM is sharded too
-    python train.py --stage ift-mqa --init-from runs/pretrain/latest   # each stage starts from the previous one
-    python train.py --stage ift-1qa --init-from runs/ift-mqa/latest
+    python train.py --stage ift-mqa --init-from runs/pretrain          # each stage starts from the previous one
+    python train.py --stage ift-1qa --init-from runs/ift-mqa
     python train.py --stage pretrain --preset smollm2 --max-steps 20   # offline smoke run on bundled data
 
 Defaults are the paper's (sections 5.1-5.2, Qwen3-8B, AdamW with weight decay 0.01, linear schedule with warmup,
@@ -46,7 +46,7 @@ class TrainConfig:
     data: str = ""  # comma-separated hub names or local files; "" = the stage's default
     val_data: str = ""  # held-out texts (pretrain: Figure 5's WikiText-2) or QA; "" = hold out from --data
     out_dir: str = ""  # "" = runs/<stage>
-    init_from: str = ""  # a SHINE checkpoint directory (the previous stage)
+    init_from: str = ""  # the previous stage: its out_dir (its latest checkpoint) or one step_N checkpoint
     resume: bool = False  # continue from out_dir's latest checkpoint
     lora_rank: int = 8  # r
     meta_lora_rank: int = 128
@@ -219,7 +219,7 @@ def step_flops(shape: flops.Shape, micro_batches: list[dict], cfg: TrainConfig) 
     total = 0
     for b in micro_batches:
         rows = zip(b["context_mask"].sum(1).tolist(), b["attention_mask"].sum(1).tolist(),
-                   (b["labels"] != -100).sum(1).tolist())
+                   (b["labels"][:, 1:] != -100).sum(1).tolist())  # shifted, as Shine.answer_loss reads them
         for context, answer, labelled in rows:
             total += flops.shine_flops(shape, context, cfg.lora_rank, cfg.m2p_layers, cfg.meta_lora_rank)["total"]
             total += flops.llm_flops(shape, answer, logits=labelled, lora_rank=cfg.lora_rank)["total"]
@@ -310,7 +310,8 @@ def save_checkpoint(shine: Shine, optimizer, cfg: TrainConfig, step: int, rank: 
     os.replace(out / "latest.tmp", out / "latest")  # a file naming the newest complete checkpoint
 
 
-def latest_checkpoint(out_dir: str) -> Path | None:
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (its `latest` pointer), None where there is none."""
     pointer = Path(out_dir) / "latest"
     return Path(out_dir) / pointer.read_text().strip() if pointer.is_file() else None
 
@@ -350,7 +351,8 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int):
         raise SystemExit(f"{error}\nOffline? `--preset smollm2` trains on a bundled model and bundled real text.")
     shine_config = ShineConfig(lora_rank=cfg.lora_rank, meta_lora_rank=cfg.meta_lora_rank, m2p_layers=cfg.m2p_layers,
                                lora_scale=cfg.lora_scale)
-    shine = Shine.from_pretrained(llm, cfg.init_from) if cfg.init_from else Shine(llm, shine_config)
+    init = latest_checkpoint(cfg.init_from) or cfg.init_from if cfg.init_from else None
+    shine = Shine.from_pretrained(llm, init) if init else Shine(llm, shine_config)
     shine.to(device)
     if cfg.activation_checkpointing:
         shine.enable_activation_checkpointing()

@@ -24,6 +24,6 @@ for i in "${!steps[@]}"; do
   $LAUNCH train.py --stage "$stage" --preset smollm2 --model "$model" --meta-lora-rank "$META_RANK" \
     --lora-scale 1e-3 --max-steps "${steps[$i]}" --batch-size "${batches[$i]}" --grad-accum 1 \
     --eval-every 1000000 --save-every 1000000 --out-dir "$RUN/$stage" ${FSDP:+--fsdp} "${init[@]}" $EXTRA
-  init=(--init-from "$RUN/$stage/$(cat "$RUN/$stage/latest")"); runs+=("$RUN/$stage")
+  init=(--init-from "$RUN/$stage"); runs+=("$RUN/$stage")
 done
 python3 benchmarks/train_summary.py "${runs[@]}" --out "$RUN/summary.json"

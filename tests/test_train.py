@@ -146,6 +146,19 @@ def test_every_stage_runs_and_chains(stage, tiny_backbone_dir, tmp_path, text_fi
     assert [r["step"] for r in log] == [1, 2] and all(r["tok_s"] > 0 for r in log)
 
 
+def test_init_from_takes_a_run_directory_or_one_of_its_checkpoints(tiny_backbone_dir, tmp_path, text_file):
+    from safetensors.torch import load_file
+
+    train.main(run_args(tiny_backbone_dir, tmp_path / "pre", text_file, "--max-steps", "2", "--save-every", "1"))
+    saved = load_file(tmp_path / "pre" / "step_0000002" / "hypernetwork.safetensors")  # the latest, not step 1
+    for init in (tmp_path / "pre", tmp_path / "pre" / "step_0000002"):
+        cfg = train.TrainConfig(model=str(tiny_backbone_dir), init_from=str(init), meta_lora_rank=4, lora_rank=2,
+                                m2p_layers=2)
+        shine, _, _ = train.build_model(cfg, torch.device("cpu"), 1)
+        loaded = shine.hypernetwork_state_dict()
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[n], saved[n]) for n in saved)
+
+
 def test_pretraining_loss_falls_on_a_small_sample(tiny_backbone_dir, tmp_path):
     """Four short texts, the same batch every step: measured 7.0 -> 4.2 in 100 steps at lr 1e-2 (about 1.5 s on
     one core); we ask for a 25% drop in 60 steps."""
