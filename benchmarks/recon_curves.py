@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
     for name, ckpt in models:
         shine = (Shine.from_pretrained(llm, ckpt) if ckpt else Shine(llm, ShineConfig(lora_rank=1, meta_lora_rank=1, m2p_layers=1))).eval()
         report["checkpoints"][name] = ckpt
-        report.setdefault("devices", {})[name] = str(llm.device) if device == "cpu" else torch.cuda.get_device_name()
+        report.setdefault("devices", {})[name] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         tasks = examples if ckpt is None else examples | {CONTROL: with_other_contexts(examples["recon"])}
         report["losses"][name] = {t: example_losses(shine, ex, args.batch_size, pad_id, ckpt is None)
                                   for t, ex in tasks.items()}

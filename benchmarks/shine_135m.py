@@ -20,12 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from train import latest_checkpoint  # noqa: E402
 STAGES = ("pretrain", "ift-mqa", "ift-1qa")
 PARTS = {"memory": "memory embeddings", "meta_lora": "Meta-LoRA", "m2p": "M2P transformer"}
-
-
-def latest_step(run: Path, stage: str) -> Path:
-    return run / stage / (run / stage / "latest").read_text().strip()
 
 
 def to_bf16(src: Path, dst: Path) -> None:
@@ -51,7 +48,9 @@ def parameter_counts(path: Path) -> dict[str, int]:
 
 def export(run: Path, stage: str) -> Path:
     """runs/<stage>/latest -> runs/export/<stage>/: bf16 weights, shine_config.json, stage.json."""
-    step_dir, dst = latest_step(run, stage), run / "export" / stage
+    step_dir, dst = latest_checkpoint(run / stage), run / "export" / stage
+    if step_dir is None:
+        raise FileNotFoundError(f"{run / stage} has no checkpoint: train the stage first")
     to_bf16(step_dir, dst)
     log = [json.loads(line) for line in (run / stage / "log.jsonl").read_text().splitlines()]
     info = {"stage": stage, "checkpoint": step_dir.name, "train_config": json.loads((step_dir / "train_config.json").read_text()),

@@ -248,7 +248,7 @@ def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int =
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    forward = flops.shine_flops(s, C)["total"] + flops.llm_flops(s, T, logits=T - 1, lora_rank=8)["total"]
+    step_flops = train.step_flops(s, [batch], cfg)  # what train.py logs: 3 x forward, LM head on T - 1 positions
     out = {}
     try:
         for name in ("no_ckpt", "ckpt"):
@@ -257,7 +257,7 @@ def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int =
             log(f"train {name}")
             try:
                 r = out[name] = measure(step, *w["runs"]["train"])
-                r |= {"tok_s": 1e3 * (C + T) / r["ms"], "tflops": 3 * forward / r["ms"] / 1e9,
+                r |= {"tok_s": 1e3 * (C + T) / r["ms"], "tflops": step_flops / r["ms"] / 1e9,
                       # fp32 hypernetwork + gradient + 2 AdamW moments; under FSDP train.py keeps the LLM in fp32
                       "predicted_gib": predicted_gib(s, C + shine.num_memory + T, hyper_bytes=16,
                                                      weight_bytes=4 if args.fsdp else 2, shards=world)}

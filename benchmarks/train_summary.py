@@ -8,17 +8,21 @@ The first `--skip` steps (CUDA warm-up, allocator growth) are left out of the me
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import latest_checkpoint  # noqa: E402
 
 FIELDS = ("ms", "tok_s", "tflops", "mfu", "peak_gib")
 
 
 def summarise(run: Path, skip: int) -> dict:
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    latest = run / "latest"
-    config = {}
-    if latest.is_file():
-        config = json.loads((run / latest.read_text().strip() / "train_config.json").read_text())
+    latest = latest_checkpoint(run)
+    config = json.loads((latest / "train_config.json").read_text()) if latest else {}
     timed = log[skip:] or log
     row = {"run": str(run), "steps": len(log), "timed_steps": len(timed), "model": config.get("model"),
            "stage": config.get("stage"), "batch": config.get("batch_size"), "fsdp": config.get("fsdp"),
@@ -44,9 +48,7 @@ def main(argv=None) -> list[dict]:
         print(f"{r['run'][-40:]:40} {r['steps']:>5} {fmt(r['ms'], '8.0f')} {fmt(r['tok_s'], '8.0f')} "
               f"{fmt(r['tflops'], '8.1f')} {fmt(r['mfu'], '6.1%')} {fmt(r['peak_gib'], '8.1f')}")
     if args.out:
-        import torch  # only for the card's name, recorded with the numbers
-
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # recorded with the numbers
         args.out.write_text(json.dumps({"device": device, "runs": rows}, indent=1))
     return rows
 
