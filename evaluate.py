@@ -218,6 +218,18 @@ def default_checkpoint(model: str) -> Path | None:
     return DEFAULT_CKPT if model == "smollm2-135m" and (DEFAULT_CKPT / "shine_config.json").is_file() else None
 
 
+def merged_results(earlier: dict, results: dict, args, n: int) -> dict:
+    """`earlier` (a results JSON of this script) updated with this run's methods, after checking that both
+    scored the same questions the same way: methods run apart (e.g. on two machines) then share one table."""
+    same = ("bench", "data_file", "model", "shine_ckpt", "seed", "max_new_tokens", "max_context_tokens", "system", "context_in")
+    differ = [k for k in same if earlier["config"].get(k) != getattr(args, k)]
+    if earlier["n"] != n:
+        differ.append(f"n {earlier['n']}, now {n}")
+    if differ:
+        raise SystemExit(f"evaluate.py --merge: {args.out} was run with other settings ({', '.join(differ)})")
+    return {**earlier["results"], **results}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--bench", default="hotpotqa", help=", ".join(BENCHES))
@@ -227,6 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-file", default=None, help="local file; 'hub' for the full split; default: bundled sample")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
     p.add_argument("--out", default=None, help="results JSON (default results/eval_<bench>_<model>.json)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other methods' results already in --out (same bench, data, model, n and seed)")
     for flag, default in [("--batch-size", 8), ("--max-new-tokens", 32), ("--sft-epochs", 10), ("--seed", 0)]:
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--max-context-tokens", type=int, default=None, help="cut contexts SHINE reads (paper: 1150)")
@@ -275,6 +289,9 @@ def main(argv=None) -> dict:
               f"{r['peak_memory_mb']:9.0f}" + (f"  F1 per turn {[round(f, 1) for f in r['f1_per_turn']]}"
                                                 if args.bench == "msmarco-mqa" else ""))
     out = Path(args.out or ROOT / "results" / f"eval_{args.bench}_{Path(args.model).name}.json")
+    if args.merge and out.exists():
+        results = merged_results(json.loads(out.read_text()), results, args, len(records))
+        args.methods = list(results)
     report = {"config": vars(args), "backbone": {"name": args.model, "class": type(model).__name__,
                                                  "parameters": sum(p.numel() for p in model.parameters())},
               "checkpoint": str(ckpt) if ckpt else None, "shine_config": shine and asdict(shine.config),

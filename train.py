@@ -2,7 +2,8 @@
 
     python train.py --stage pretrain                                   # one GPU (or the CPU)
     torchrun --nproc_per_node=8 train.py --stage pretrain              # DDP
-    torchrun --nproc_per_node=2 train.py --stage pretrain --fsdp       # FSDP2: the frozen LLM is sharded too
+    torchrun --nproc_per_node=2 train.py --stage pretrain --fsdp       # FSDP2: the hypernetwork is sharded
+    torchrun --nproc_per_node=8 train.py --stage pretrain --fsdp --fsdp-llm   # and the frozen LLM too
     python train.py --stage ift-mqa --init-from runs/pretrain          # each stage starts from the previous one
     python train.py --stage ift-1qa --init-from runs/ift-mqa
     python train.py --stage pretrain --preset smollm2 --max-steps 20   # offline smoke run on bundled data
@@ -66,7 +67,8 @@ class TrainConfig:
     val_size: int = 32
     eval_every: int = 200
     save_every: int = 500
-    fsdp: bool = False
+    fsdp: bool = False  # shard the hypernetwork (weights, gradients, AdamW moments); the frozen LLM is replicated
+    fsdp_llm: bool = False  # with --fsdp: shard the frozen LLM's decoder layers too, for backbones one GPU can't hold
     activation_checkpointing: bool = False
     seed: int = 42
     attn: str = ""  # the backbone's attention implementation ("eager", "sdpa", ...); "" = transformers' default
@@ -209,7 +211,9 @@ def make_optimizer(shine: Shine, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [(n, p) for n, p in shine.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=False)
+    # fused: one kernel per step on the GPU; the multi-kernel default took ~20% of an 8B-shape step on an H100
+    fused = all(p.is_cuda for _, p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
 
 
 def step_flops(shape: flops.Shape, micro_batches: list[dict], cfg: TrainConfig) -> float:
@@ -341,11 +345,20 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def build_model(cfg: TrainConfig, device: torch.device, world: int):
-    """The backbone (bf16 on GPU; fp32 under FSDP, which casts to bf16 itself) and SHINE, wrapped for DDP/FSDP."""
+    """The backbone (bf16 on GPU) and SHINE, wrapped for DDP or FSDP2.
+
+    FSDP2 shards what has optimizer state: the hypernetwork (one group per M2P block, the rest at the root). The
+    frozen LLM has no gradients or moments, so by default every GPU keeps a whole bf16 copy: sharding it would
+    all-gather every layer for the memory pass and again for the answer pass, forward and backward, which cost
+    more than half the step on two H100s at the Qwen3-8B shape. `fsdp_llm` shards its decoder layers as well,
+    for backbones a GPU cannot hold beside the activations.
+    """
     cuda = device.type == "cuda"
+    if cfg.fsdp_llm and not cfg.fsdp:
+        raise SystemExit("--fsdp-llm shards the LLM under FSDP: add --fsdp")
     try:
         attn = {"attn_implementation": cfg.attn} if cfg.attn else {}
-        dtype = torch.bfloat16 if cuda and not cfg.fsdp else torch.float32
+        dtype = torch.bfloat16 if cuda else torch.float32
         llm, tokenizer = data.load_backbone(cfg.model, dtype, device, **attn)  # a config-only dir: built there
     except OSError as error:
         raise SystemExit(f"{error}\nOffline? `--preset smollm2` trains on a bundled model and bundled real text.")
@@ -360,10 +373,19 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int):
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # bf16 compute, fp32 master weights and gradient reduction; the frozen bf16 LLM needs no cast
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
-        for layer in decoder_layers(llm):
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(shine, mp_policy=policy)  # the root: hypernetwork, embeddings, final norm, LM head
+        for block in shine.m2p.blocks:
+            fully_shard(block, mp_policy=policy)
+        replicated = set()
+        if cfg.fsdp_llm:
+            for layer in decoder_layers(llm):
+                fully_shard(layer, mp_policy=policy)
+        else:
+            replicated = set(llm.parameters())
+        # the root: memory embeddings, Meta-LoRA, positional embeddings (and with fsdp_llm the LLM's embeddings,
+        # final norm and LM head)
+        fully_shard(shine, mp_policy=policy, ignored_params=replicated or None)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(shine, device_ids=[device.index] if cuda else None)
     return shine, model, tokenizer
@@ -395,6 +417,7 @@ def main(argv=None) -> dict:
         step = load_checkpoint(shine, optimizer, latest_checkpoint(cfg.out_dir))
     cuda = device.type == "cuda"
     shape = flops.Shape.from_config(shine.llm.config)
+    # FSDP casts the hypernetwork to bf16 as it gathers it; otherwise autocast runs the fp32 hypernetwork in bf16
     autocast = lambda: torch.autocast("cuda", torch.bfloat16) if cuda and not cfg.fsdp else nullcontext()
     permutations = {}  # epoch -> order; the data position is just the step, so resuming replays nothing
     order = lambda e: permutations.setdefault(

@@ -23,6 +23,8 @@ cd "$(dirname "$0")/.."
 : "${ONEQA_STEPS:=800}" "${ONEQA_BATCH:=32}" "${ONEQA_LR:=2e-4}"  # 0.7 epoch of 37,604 questions; batch 64 ran OOM
 : "${PART_SIZE:=15M}" "${HELDOUT:=50}" "${SQUAD_SAMPLE:=1000}" "${TIMING_STEPS:=20}" "${TIMING_MINUTES:=6,6.5,6.5}" "${RESUME:=}"
 : "${EVAL_BATCH:=16}" "${EVAL_LIMIT:=}" "${MAX_NEW_TOKENS:=32}" "${EVAL_EXTRA:=}" "${BENCHES:=squad hotpotqa musique 2wiki coqa}"
+# CoQA's four methods take ~10 minutes on an H100: COQA_METHODS=naive,in-context, then sft,shine with MERGE=1
+: "${COQA_METHODS:=naive,in-context,sft,shine}" "${MERGE:=}"
 : "${CURVE_PER_BUCKET:=64}" "${CURVE_BATCH:=16}" "${CURVE_BUCKETS:=64,128,256,512,1150}"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
 DATA=$RUN/data
@@ -108,7 +110,7 @@ for cmd in "$@"; do
       for bench in $BENCHES; do
         case $bench in
           squad) evaluate squad squad naive,in-context,shine --data-file "$DATA/squad_dev1000_seed42.jsonl" ;;
-          coqa) evaluate coqa-heldout msmarco-mqa naive,in-context,sft,shine --data-file "$DATA/coqa_heldout50.jsonl" ;;
+          coqa) evaluate coqa-heldout msmarco-mqa "$COQA_METHODS" --data-file "$DATA/coqa_heldout50.jsonl" ${MERGE:+--merge} ;;
           *) evaluate "$bench" "$bench" naive,in-context,shine ;;  # the bundled samples: 103 / 200 / 200
         esac
         export_results "$RESULTS/${bench/coqa/coqa-heldout}.json"

@@ -3,7 +3,7 @@
     python benchmarks/speed.py --shape qwen3-8b --out results/speed_h100.json          # one GPU, ~5-8 minutes
     python benchmarks/speed.py --shape qwen3-8b --only train --profile train --out results/speed_train.json
     torchrun --nproc_per_node=2 benchmarks/speed.py --shape qwen3-8b --fsdp --baseline results/speed_h100.json \\
-        --out results/speed_h100_fsdp2.json                                           # train.py's FSDP2 sharding
+        --out results/speed_h100x2_fsdp.json                         # train.py's FSDP2 sharding (--fsdp-llm: LLM too)
     python benchmarks/speed.py --shape tiny --compile-backend eager --out /tmp/speed.json  # CPU smoke run (CI)
 
 Issue 6; benchmarks/README.md defines every number. Medians of repeated runs after warm-up, timed by CUDA events
@@ -104,12 +104,13 @@ def measure(fn, warmup: int, runs: int) -> dict:
 
 
 def predicted_gib(s: flops.Shape, tokens: int, batch: int = 1, kv_cache: bool = False, hyper_bytes: int = 4,
-                  weight_bytes: int = 2, shards: int = 1) -> float:
-    """Weights and hypernetwork (bytes a parameter, split over FSDP shards) + App. B.6's extra memory in bf16
-    (eq. 41 without KV cache: all layers' hidden states and MLP intermediates; eqs. 43-44 with it)."""
+                  hyper_shards: int = 1, llm_shards: int = 1) -> float:
+    """bf16 LLM weights and the hypernetwork (bytes a parameter), each split over its FSDP shards, + App. B.6's
+    extra memory in bf16 (eq. 41 without KV cache: all layers' hidden states and MLP intermediates; eqs. 43-44
+    with it)."""
     extra = flops.BF16 * batch * flops.peak_memory(s, "naive", tokens, 0, kv_cache)["total"]
-    static = weight_bytes * s.params() + hyper_bytes * flops.hypernetwork_params(s)["total"]
-    return (static / shards + extra) / flops.GiB
+    static = flops.BF16 * s.params() / llm_shards + hyper_bytes * flops.hypernetwork_params(s)["total"] / hyper_shards
+    return (static + extra) / flops.GiB
 
 
 def random_ids(batch: int, length: int, vocab: int, device) -> torch.Tensor:
@@ -125,15 +126,17 @@ def generated_lora(shine: Shine, batch: int, w: dict) -> dict:
     return {l: {n: (cast(A), cast(B)) for n, (A, B) in m.items()} for l, m in lora.items()}
 
 
-def profile(fn, path: Path) -> None:
-    """The top operators of three calls of `fn` by device time (CPU time without a GPU), as a text table."""
+def profile(fn, path: Path, write: bool = True) -> None:
+    """The top operators of three calls of `fn` by device time (CPU time without a GPU), as a text table (written
+    by one process only: under torchrun every rank profiles, rank 0 writes)."""
     from torch.profiler import ProfilerActivity
 
     with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * CUDA) as prof:
         for _ in range(3):
             fn()
-    path.write_text(prof.key_averages().table(sort_by=f"self_{'cuda' if CUDA else 'cpu'}_time_total", row_limit=40))
-    log(f"profile written to {path}")
+    if write:
+        path.write_text(prof.key_averages().table(sort_by=f"self_{'cuda' if CUDA else 'cpu'}_time_total", row_limit=40))
+        log(f"profile written to {path}")
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -233,7 +236,7 @@ def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
     return out | ({"errors": errors} if errors else {})
 
 
-def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int = 1) -> dict:
+def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int = 1, rank: int = 0) -> dict:
     cfg, device, C, T = train.TrainConfig(), shine.memory.device, w["train_context"], w["answer"]
     optimizer = train.make_optimizer(shine, cfg)
     context, answer = random_ids(1, C, s.vocab, device), random_ids(1, T, s.vocab, device)
@@ -258,14 +261,15 @@ def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int =
             try:
                 r = out[name] = measure(step, *w["runs"]["train"])
                 r |= {"tok_s": 1e3 * (C + T) / r["ms"], "tflops": step_flops / r["ms"] / 1e9,
-                      # fp32 hypernetwork + gradient + 2 AdamW moments; under FSDP train.py keeps the LLM in fp32
-                      "predicted_gib": predicted_gib(s, C + shine.num_memory + T, hyper_bytes=16,
-                                                     weight_bytes=4 if args.fsdp else 2, shards=world)}
+                      # fp32 hypernetwork + gradient + 2 AdamW moments, sharded under FSDP (the LLM too with
+                      # --fsdp-llm)
+                      "predicted_gib": predicted_gib(s, C + shine.num_memory + T, hyper_bytes=16, hyper_shards=world,
+                                                     llm_shards=world if args.fsdp_llm else 1)}
                 r["mfu"] = r["tflops"] / args.peak_tflops
                 if world > 1:
                     r["all_gpus_tok_s"] = world * r["tok_s"]
                 if args.profile == "train":
-                    profile(step, args.out.parent / f"profile_train_{name}.txt")
+                    profile(step, args.out.parent / f"profile_train_{name}.txt", write=rank == 0)
             except torch.OutOfMemoryError as error:
                 optimizer.zero_grad(set_to_none=True)
                 out[name] = {"error": f"OutOfMemoryError: {str(error)[:300]}"}
@@ -302,8 +306,11 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     p.add_argument("--compile-backend", default="inductor", help="inductor (CUDA graphs) or eager (smoke tests)")
     p.add_argument("--fsdp", action="store_true", help="train only, sharded like train.py --fsdp (under torchrun)")
+    p.add_argument("--fsdp-llm", action="store_true", help="with --fsdp: shard the frozen LLM too (train.py's flag)")
     p.add_argument("--baseline", type=Path, help="a one-GPU JSON of this script: scaling efficiency for --fsdp")
     args = p.parse_args(argv)
+    if args.fsdp_llm and not args.fsdp:
+        p.error("--fsdp-llm needs --fsdp")
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp runs under torchrun: torchrun --nproc_per_node=2 benchmarks/speed.py --fsdp ...")
     if unknown := set(args.only.split(",")) - set(PARTS):
@@ -321,13 +328,14 @@ def main(argv=None) -> dict:
     results = {"device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.machine()})", "gpus": world,
                "torch": torch.__version__, "transformers": transformers.__version__,
                "shape": args.shape, "peak_tflops": args.peak_tflops,
+               **({"sharded": "hypernetwork and LLM" if args.fsdp_llm else "hypernetwork"} if args.fsdp else {}),
                "lengths": {k: w[k] for k in ("context", "train_context", "answer", "prompt", "new_tokens")}}
     torch.manual_seed(0)
     log(f"building {args.shape} on {results['device']}")
     if args.fsdp:  # train.build_model itself, handed the random backbone instead of a download
         random_backbone = lambda name, dtype, device=device, **attn: (build_llm(args.shape, dtype, device), None)
         with mock.patch.object(train.data, "load_backbone", random_backbone):
-            shine, model, _ = train.build_model(train.TrainConfig(fsdp=True), device, world)
+            shine, model, _ = train.build_model(train.TrainConfig(fsdp=True, fsdp_llm=args.fsdp_llm), device, world)
     else:
         shine = model = Shine(build_llm(args.shape, torch.bfloat16, device))
     s = flops.Shape.from_config(shine.llm.config)
@@ -336,7 +344,7 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         try:
             if part == "train":
-                results[part] = bench_train(shine, model, s, w, args, world)
+                results[part] = bench_train(shine, model, s, w, args, world, rank)
             else:
                 bench = {"gen": bench_gen, "decode": bench_decode, "compile": bench_compile}[part]
                 results[part] = bench(shine, s, w, args)

@@ -215,6 +215,22 @@ def test_runs_are_deterministic(tiny_dir, tmp_path):
         assert first[method]["predictions"] == second[method]["predictions"]
 
 
+def test_merge_adds_methods_run_apart_and_refuses_other_settings(tiny_dir, tmp_path):
+    ckpt = ("--shine-ckpt", str(tiny_dir / "ckpt"))
+    together = run(tiny_dir, tmp_path, "--method", "naive,shine", *ckpt)["results"]
+    run(tiny_dir, tmp_path, "--method", "naive", *ckpt)
+    merged = run(tiny_dir, tmp_path, "--method", "shine", "--merge", *ckpt)
+    assert merged["config"]["methods"] == ["naive", "shine"]
+    saved = json.loads((tmp_path / "r.json").read_text())["results"]
+    for method in ("naive", "shine"):
+        assert merged["results"][method]["predictions"] == saved[method]["predictions"]
+        assert saved[method]["predictions"] == together[method]["predictions"]
+    with pytest.raises(SystemExit, match="max_new_tokens"):
+        run(tiny_dir, tmp_path, "--method", "naive", "--merge", "--max-new-tokens", "4", *ckpt)
+    with pytest.raises(SystemExit, match="n 3, now 2"):
+        run(tiny_dir, tmp_path, "--method", "naive", "--merge", "--limit", "2", *ckpt)
+
+
 def test_sft_on_passage_learns_the_passage(tiny_dir):
     model, tok = data.load_backbone(str(tiny_dir / "qwen"))
     model.requires_grad_(False)

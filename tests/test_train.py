@@ -208,14 +208,14 @@ def losses(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-llm"])
 def test_torchrun_two_processes_match_one_process(mode, tiny_backbone_dir, tmp_path, text_file):
     """Same global batch (2 sequences): one process with batch 2, or two processes with batch 1 each (gloo).
     Loss and weights agree to float tolerance; an FSDP checkpoint loads in a single process."""
     common = ["--max-steps", "3", "--save-every", "3", "--lr", "1e-3", "--warmup-ratio", "0"]
     train.main(run_args(tiny_backbone_dir, tmp_path / "one", text_file, *common))
     two = run_args(tiny_backbone_dir, tmp_path / "two", text_file, *common, "--batch-size", "1")
-    torchrun(two + (["--fsdp"] if mode == "fsdp" else []))
+    torchrun(two + {"ddp": [], "fsdp": ["--fsdp"], "fsdp-llm": ["--fsdp", "--fsdp-llm"]}[mode])
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert_same_weights(tmp_path / "one" / "step_0000003", tmp_path / "two" / "step_0000003", atol=1e-5)
     from data import load_backbone
