@@ -239,8 +239,9 @@ def loss_of_step(model, micro_batches: list[dict], world: int, autocast) -> floa
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(last)
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: communicate once per step, not per micro-batch
+            model.set_requires_gradient_sync(last)  # no reduce-scatter until the last one
+            model.set_reshard_after_backward(last)  # and no all-gather after the first: keep the gathered weights
         with sync, autocast():
             loss_sum = model(**batch, reduction="sum")
             (loss_sum * world / count).backward()  # DDP/FSDP average over ranks: this makes it the global mean

@@ -25,7 +25,8 @@ def summarise(run: Path, skip: int) -> dict:
     config = json.loads((latest / "train_config.json").read_text()) if latest else {}
     timed = log[skip:] or log
     row = {"run": str(run), "steps": len(log), "timed_steps": len(timed), "model": config.get("model"),
-           "stage": config.get("stage"), "batch": config.get("batch_size"), "fsdp": config.get("fsdp"),
+           "stage": config.get("stage"), "batch": config.get("batch_size"), "grad_accum": config.get("grad_accum"),
+           "fsdp": config.get("fsdp"),
            "gpus": log[-1].get("gpus")}
     for field in FIELDS:
         values = [r[field] for r in timed if field in r]

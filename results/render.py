@@ -114,8 +114,10 @@ def speed_tables(directory: Path) -> list[str]:
         report = json.loads(path.read_text())
         if rows := speed_rows(report):
             header = ["measurement", "ms", "rate", "TFLOP/s", "MFU", "× base", "peak GiB"]
-            tables.append(f"**Speed** (`{path.name}`: {report.get('device', '?')}, shape {report.get('shape', '?')})"
-                          f"\n\n" + markdown_table(header, rows))
+            sharded = f"; FSDP2 shards the {report['sharded']}" if "sharded" in report else ""
+            note = f"\n\n_{report['note']}._" if "note" in report else ""
+            tables.append(f"**Speed** (`{path.name}`: {report.get('device', '?')}, shape {report.get('shape', '?')}"
+                          f"{sharded}){note}\n\n" + markdown_table(header, rows))
     return tables
 
 
@@ -126,12 +128,15 @@ def train_tables(directory: Path) -> list[str]:
         report = json.loads(path.read_text())
         fmt = lambda v, spec: format(v, spec) if v is not None else "–"
         gpus = lambda r: str(r.get("gpus") or 1) + (" (FSDP)" if r["fsdp"] else "")
-        rows = [[Path(r["model"] or "?").name, r["stage"] or "?", gpus(r), str(r["batch"]), f"{r['timed_steps']} of {r['steps']}", fmt(r["ms"], ".0f"), fmt(r["tok_s"], ".4g"),
-                 fmt(r["tflops"], ".4g"), fmt(r["mfu"], ".1%"), fmt(r["peak_gib"], ".4g")] for r in report["runs"]]
-        header = ["shape", "stage", "GPUs", "batch / GPU", "steps timed", "ms / step", "tok/s (all GPUs)",
-                  "TFLOP/s / GPU", "MFU", "peak GiB"]
-        tables.append(f"**train.py** (`{path.name}`: {report['device']}; random weights, bundled data, medians)\n\n"
-                      + markdown_table(header, rows))
+        batch = lambda r: f"{r['batch']} × {r['grad_accum']}" if (r.get("grad_accum") or 1) > 1 else str(r["batch"])
+        rows = [[Path(r["model"] or "?").name, r["stage"] or "?", gpus(r), batch(r), f"{r['timed_steps']} of {r['steps']}",
+                 fmt(r["ms"], ".0f"), fmt(r["tok_s"], ".4g"), fmt(r["tflops"], ".4g"), fmt(r["mfu"], ".1%"),
+                 fmt(r["peak_gib"], ".4g")] for r in report["runs"]]
+        header = ["shape", "stage", "GPUs", "batch / GPU (× accumulated)", "steps timed", "ms / step",
+                  "tok/s (all GPUs)", "TFLOP/s / GPU", "MFU", "peak GiB"]
+        note = f"\n\n_{report['note']}._" if "note" in report else ""
+        tables.append(f"**train.py** (`{path.name}`: {report['device']}; random weights, bundled data, medians){note}"
+                      "\n\n" + markdown_table(header, rows))
     return tables
 
 

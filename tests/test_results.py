@@ -62,12 +62,15 @@ def write_results(directory):
              "gen": {"c1150_b1": {"ms": 12.5, "contexts_s": 81.0, "tflops": 123.4, "peak_gib": 17.5}},
              "train": {"plain": {"ms": 1000.0, "tok_s": 2300.0, "mfu": 0.412, "peak_gib": 40.0}, "ckpt": {"error": "OOM"}}}
     (directory / "speed_h100.json").write_text(json.dumps(speed))
-    fsdp = {"device": "NVIDIA H100 80GB HBM3", "shape": "qwen3-8b",
+    fsdp = {"device": "NVIDIA H100 80GB HBM3", "shape": "qwen3-8b", "sharded": "hypernetwork", "note": "before X",
             "train": {"no_ckpt": {"ms": 1200.0, "tok_s": 1900.0, "mfu": 0.108, "scaling_efficiency": 0.41}}}
     (directory / "speed_h100x2_fsdp.json").write_text(json.dumps(fsdp))
     runs = [{"run": "runs/shapes/qwen3-8b/pretrain", "steps": 30, "timed_steps": 27, "model": "benchmarks/shapes/qwen3-8b",
              "stage": "pretrain", "batch": 1, "fsdp": True, "gpus": 2, "ms": 676.1, "tok_s": 2921.4, "tflops": 171.66,
-             "mfu": 0.1736, "peak_gib": 46.96}]
+             "mfu": 0.1736, "peak_gib": 46.96},
+            {"run": "runs/a", "steps": 9, "timed_steps": 6, "model": "benchmarks/shapes/qwen3-8b", "stage": "pretrain",
+             "batch": 1, "grad_accum": 8, "fsdp": False, "gpus": 1, "ms": 6437.0, "tok_s": 2606.0, "tflops": 151.2,
+             "mfu": 0.153, "peak_gib": 50.3}]
     (directory / "train_h100x2.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "runs": runs}))
 
 
@@ -94,6 +97,9 @@ def test_tables_from_results(tmp_path):
         "| train/no_ckpt | 1200.00 | 1900 tok/s per GPU, scaling 41% | – | 10.8% | – | – |",
         "**train.py** (`train_h100x2.json`: NVIDIA H100 80GB HBM3; random weights, bundled data, medians)",
         "| qwen3-8b | pretrain | 2 (FSDP) | 1 | 27 of 30 | 676 | 2921 | 171.7 | 17.4% | 46.96 |",
+        "| qwen3-8b | pretrain | 1 | 1 × 8 | 6 of 9 | 6437 | 2606 | 151.2 | 15.3% | 50.3 |",
+        "**Speed** (`speed_h100x2_fsdp.json`: NVIDIA H100 80GB HBM3, shape qwen3-8b; FSDP2 shards the hypernetwork)",
+        "_before X._",
     ]
     for line in expected:
         assert line in lines, line

@@ -210,9 +210,9 @@ def losses(out):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-llm"])
 def test_torchrun_two_processes_match_one_process(mode, tiny_backbone_dir, tmp_path, text_file):
-    """Same global batch (2 sequences): one process with batch 2, or two processes with batch 1 each (gloo).
-    Loss and weights agree to float tolerance; an FSDP checkpoint loads in a single process."""
-    common = ["--max-steps", "3", "--save-every", "3", "--lr", "1e-3", "--warmup-ratio", "0"]
+    """Same global batch (4 sequences, 2 micro-batches accumulated): one process with batch 2, or two processes
+    with batch 1 each (gloo). Loss and weights agree to float tolerance; an FSDP checkpoint loads in one process."""
+    common = ["--max-steps", "3", "--save-every", "3", "--lr", "1e-3", "--warmup-ratio", "0", "--grad-accum", "2"]
     train.main(run_args(tiny_backbone_dir, tmp_path / "one", text_file, *common))
     two = run_args(tiny_backbone_dir, tmp_path / "two", text_file, *common, "--batch-size", "1")
     torchrun(two + {"ddp": [], "fsdp": ["--fsdp"], "fsdp-llm": ["--fsdp", "--fsdp-llm"]}[mode])
