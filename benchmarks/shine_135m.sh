@@ -23,7 +23,8 @@ cd "$(dirname "$0")/.."
 : "${ONEQA_STEPS:=800}" "${ONEQA_BATCH:=32}" "${ONEQA_LR:=2e-4}"  # 0.7 epoch of 37,604 questions; batch 64 ran OOM
 : "${PART_SIZE:=15M}" "${HELDOUT:=50}" "${SQUAD_SAMPLE:=1000}" "${TIMING_STEPS:=20}" "${TIMING_MINUTES:=6,6.5,6.5}" "${RESUME:=}"
 : "${EVAL_BATCH:=16}" "${EVAL_LIMIT:=}" "${MAX_NEW_TOKENS:=32}" "${EVAL_EXTRA:=}" "${BENCHES:=squad hotpotqa musique 2wiki coqa}"
-# CoQA's four methods take ~10 minutes on an H100: COQA_METHODS=naive,in-context, then sft,shine with MERGE=1
+# CoQA's 50 conversations take ~4.5 minutes per baseline on an H100 (HF generate, turn by turn), more than one
+# 10-minute call for all four methods: BENCHES=coqa COQA_METHODS=naive,in-context, then sft,shine with MERGE=1
 : "${COQA_METHODS:=naive,in-context,sft,shine}" "${MERGE:=}"
 : "${CURVE_PER_BUCKET:=64}" "${CURVE_BATCH:=16}" "${CURVE_BUCKETS:=64,128,256,512,1150}"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
