@@ -378,15 +378,12 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int):
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
         for block in shine.m2p.blocks:
             fully_shard(block, mp_policy=policy)
-        replicated = set()
         if cfg.fsdp_llm:
             for layer in decoder_layers(llm):
                 fully_shard(layer, mp_policy=policy)
-        else:
-            replicated = set(llm.parameters())
         # the root: memory embeddings, Meta-LoRA, positional embeddings (and with fsdp_llm the LLM's embeddings,
         # final norm and LM head)
-        fully_shard(shine, mp_policy=policy, ignored_params=replicated or None)
+        fully_shard(shine, mp_policy=policy, ignored_params=None if cfg.fsdp_llm else set(llm.parameters()))
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(shine, device_ids=[device.index] if cuda else None)
     return shine, model, tokenizer

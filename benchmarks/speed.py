@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py --shape qwen3-8b --out results/speed_h100.json          # one GPU, ~5-8 minutes
     python benchmarks/speed.py --shape qwen3-8b --only train --profile train --out results/speed_train.json
-    torchrun --nproc_per_node=2 benchmarks/speed.py --shape qwen3-8b --fsdp --baseline results/speed_h100.json \\
+    torchrun --nproc_per_node=2 benchmarks/speed.py --shape qwen3-8b --fsdp --baseline results/speed_train.json \\
         --out results/speed_h100x2_fsdp.json                         # train.py's FSDP2 sharding (--fsdp-llm: LLM too)
     python benchmarks/speed.py --shape tiny --compile-backend eager --out /tmp/speed.json  # CPU smoke run (CI)
 

@@ -108,6 +108,11 @@ def speed_rows(report: dict, path: str = "") -> list[list[str]]:
     return rows
 
 
+def note(report: dict) -> str:
+    """A results file's "note" (what was measured when, against what) as an italic line under its table title."""
+    return f"\n\n_{report['note']}._" if "note" in report else ""
+
+
 def speed_tables(directory: Path) -> list[str]:
     tables = []
     for path in sorted(Path(directory).glob("speed*.json")):
@@ -115,9 +120,8 @@ def speed_tables(directory: Path) -> list[str]:
         if rows := speed_rows(report):
             header = ["measurement", "ms", "rate", "TFLOP/s", "MFU", "× base", "peak GiB"]
             sharded = f"; FSDP2 shards the {report['sharded']}" if "sharded" in report else ""
-            note = f"\n\n_{report['note']}._" if "note" in report else ""
             tables.append(f"**Speed** (`{path.name}`: {report.get('device', '?')}, shape {report.get('shape', '?')}"
-                          f"{sharded}){note}\n\n" + markdown_table(header, rows))
+                          f"{sharded}){note(report)}\n\n" + markdown_table(header, rows))
     return tables
 
 
@@ -134,8 +138,8 @@ def train_tables(directory: Path) -> list[str]:
                  fmt(r["peak_gib"], ".4g")] for r in report["runs"]]
         header = ["shape", "stage", "GPUs", "batch / GPU (× accumulated)", "steps timed", "ms / step",
                   "tok/s (all GPUs)", "TFLOP/s / GPU", "MFU", "peak GiB"]
-        note = f"\n\n_{report['note']}._" if "note" in report else ""
-        tables.append(f"**train.py** (`{path.name}`: {report['device']}; random weights, bundled data, medians){note}"
+        tables.append(f"**train.py** (`{path.name}`: {report['device']}; random weights, bundled data, medians)"
+                      f"{note(report)}"
                       "\n\n" + markdown_table(header, rows))
     return tables
 
