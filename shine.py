@@ -163,7 +163,8 @@ def _add_lora(module: nn.Module, inputs: tuple, output: Tensor, A: Tensor, B: Te
         flat = torch.addmm(output.reshape(-1, output.shape[-1]), x.reshape(-1, x.shape[-1]) @ A, B, alpha=scale)
         return flat.view_as(output)
     A, B = _per_sequence(A, B, x.shape[0])
-    return torch.baddbmm(output, x @ A, B, alpha=scale)  # (b, t, O) + (b, t, r) @ (b, r, O)
+    # bmm, not `@`: matmul's shape dispatch costs more CPU time per call than the kernel takes on a GPU
+    return torch.baddbmm(output, torch.bmm(x, A), B, alpha=scale)  # (b, t, O) + (b, t, r) @ (b, r, O)
 
 
 @contextmanager
@@ -182,15 +183,19 @@ def lora_applied(model: nn.Module, lora: LoRA, scale: float = 1.0):
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, lora: LoRA, scale: float = 1.0) -> dict[tuple[int, str], Tensor]:
+def merge_lora(model: nn.Module, lora: LoRA, scale: float = 1.0,
+               keep_on: str | torch.device | None = "cpu") -> dict[tuple[int, str], Tensor]:
     """Fold one adapter into the weights, W <- W + scale (A B)^T (section 3.5: zero inference overhead).
 
-    Writes into the model's weights. Returns the original weights (copied to CPU) for `unmerge_lora`, which
-    restores them bit for bit; subtracting the update again would not, in bf16.
+    Writes into the model's weights (in place, so compiled graphs and CUDA graphs that captured them see the
+    update). Returns copies of the original weights for `unmerge_lora`, which restores them bit for bit;
+    subtracting the update again would not, in bf16. `keep_on` = "cpu" spares accelerator memory but copies
+    every targeted weight to the host (17 s for an 8B model on our H100 host); None keeps the copies beside the
+    weights (0.15 s, at the price of a second copy of the targeted weights in GPU memory).
     """
     originals = {}
     for i, name, linear, A, B in _lora_pairs(model, lora, single=True):
-        originals[i, name] = linear.weight.detach().to("cpu", copy=True)
+        originals[i, name] = linear.weight.detach().to(keep_on or linear.weight.device, copy=True)
         update = scale * (A.float() @ B.float()).T  # (O, I), like the weight
         linear.weight.copy_(linear.weight.float() + update.to(linear.weight.device))
     return originals
@@ -206,9 +211,9 @@ def unmerge_lora(model: nn.Module, originals: dict[tuple[int, str], Tensor]) -> 
 
 
 @contextmanager
-def lora_merged(model: nn.Module, lora: LoRA, scale: float = 1.0):
+def lora_merged(model: nn.Module, lora: LoRA, scale: float = 1.0, keep_on: str | torch.device | None = "cpu"):
     """`merge_lora` for the duration of the block, then `unmerge_lora`."""
-    originals = merge_lora(model, lora, scale)
+    originals = merge_lora(model, lora, scale, keep_on)
     try:
         yield model
     finally:
@@ -372,25 +377,27 @@ class M2PTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------- parameter generation
 def lora_from_states(states: Tensor, shapes: dict[str, tuple[int, int]], rank: int, mode: str = "rl",
-                     scale: float = 1e-3) -> LoRA:
+                     scale: float = 1e-3, dtype: torch.dtype | None = None) -> LoRA:
     """Cut M2P outputs into LoRAs (section 3.4, Appendix A.2).
 
     states (B, L, M, H): layer l's M*H values, flattened, are read in module order as A (I x r) then B (r x O).
-    Returns {l: {module: (A (B, I, r), B (B, r, O))}}, each factor times sqrt(scale).
+    Returns {l: {module: (A (B, I, r), B (B, r, O))}}, each factor times sqrt(scale), in `dtype` (default: the
+    states'), cast once here rather than tensor by tensor when the hooks attach.
     """
-    v = rearrange(states, "b l m h -> b l (m h)") * math.sqrt(scale)
+    v = (rearrange(states, "b l m h -> b l (m h)") * math.sqrt(scale)).to(dtype or states.dtype)
     needed = rank * sum(i + o for i, o in shapes.values())
     if v.shape[-1] < needed:
         raise ValueError(f"memory holds {v.shape[-1]} values per layer, the LoRA needs {needed} (eq. 4)")
     a_order, b_order = RESHAPE_MODES[mode]
-    t, per_module = 0, {}
+    # split and unbind, not v[..., t:t + n] and A[:, l]: their backward is one cat / stack each, where 2 x 7 x L
+    # slices would each scatter their gradient into a zero tensor of the whole (2,000 kernels at Qwen3-8B's shape)
+    chunks = iter(v.split([n for i, o in shapes.values() for n in (i * rank, rank * o)] + [v.shape[-1] - needed], -1))
+    per_module = {}
     for name, (i, o) in shapes.items():
-        A = rearrange(v[..., t:t + i * rank], f"b l ({a_order}) -> b l i r", i=i, r=rank)
-        t += i * rank
-        B = rearrange(v[..., t:t + rank * o], f"b l ({b_order}) -> b l r o", r=rank, o=o)
-        t += rank * o
-        per_module[name] = (A, B)
-    return {l: {name: (A[:, l], B[:, l]) for name, (A, B) in per_module.items()} for l in range(states.shape[1])}
+        A = rearrange(next(chunks), f"b l ({a_order}) -> b l i r", i=i, r=rank)
+        B = rearrange(next(chunks), f"b l ({b_order}) -> b l r o", r=rank, o=o)
+        per_module[name] = (A.unbind(1), B.unbind(1))  # per layer
+    return {l: {name: (A[l], B[l]) for name, (A, B) in per_module.items()} for l in range(states.shape[1])}
 
 
 def _default_heads(hidden: int) -> int:
@@ -452,11 +459,11 @@ class Shine(nn.Module):
         return torch.stack(states, dim=1)  # (B, L, M, H), eq. 3
 
     def generate_lora(self, context_ids: Tensor, context_mask: Tensor | None = None) -> LoRA:
-        """Context (B, N) -> one LoRA per row: {layer: {module: (A (B, I, r), B (B, r, O))}}."""
+        """Context (B, N) -> one LoRA per row, in the LLM's dtype: {layer: {module: (A (B, I, r), B (B, r, O))}}."""
         states = self.memory_states(context_ids, context_mask)
         mixed = self.m2p(states.to(self.memory.dtype))
         c = self.config
-        return lora_from_states(mixed, self.shapes, c.lora_rank, c.reshape_mode, c.lora_scale)
+        return lora_from_states(mixed, self.shapes, c.lora_rank, c.reshape_mode, c.lora_scale, self.llm.dtype)
 
     def answer_loss(self, lora: LoRA, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                     reduction: str = "mean") -> Tensor:

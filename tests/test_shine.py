@@ -62,11 +62,32 @@ def test_hooks_equal_merged_equal_explicit_reference(make):
     torch.testing.assert_close(model(ids).logits, base)  # unmerged again
 
 
-def test_unmerge_restores_bf16_weights_exactly(qwen):
+@pytest.mark.parametrize("keep_on", ["cpu", None])
+def test_unmerge_restores_bf16_weights_exactly(qwen, keep_on):
     model = qwen.to(torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    unmerge_lora(model, merge_lora(model, random_lora(model)))
+    originals = merge_lora(model, random_lora(model), keep_on=keep_on)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before[q], model.state_dict()[q])
+    unmerge_lora(model, originals)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_compiled_decoding_step_with_hooks_equals_the_reference(qwen, batch):
+    """A decoding step (one token per sequence) compiled with the hooks traced: the same logits as eager and as the
+    explicit W + (A B)^T model, each sequence with its own adapter (or one shared)."""
+    ids = torch.randint(0, 128, (3, 1))
+    lora = random_lora(qwen, batch=batch)
+    with lora_applied(qwen, lora):
+        eager = qwen(ids).logits
+        compiled = torch.compile(qwen, backend="eager", fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    assert (eager - qwen(ids).logits).abs().max() > 1e-2
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    for b in range(3):
+        reference = explicit_model(qwen, lora, example=b)(ids[b:b + 1]).logits
+        torch.testing.assert_close(compiled[b:b + 1], reference, atol=1e-5, rtol=1e-4)
 
 
 def test_batch_of_different_loras_equals_each_alone(qwen):
