@@ -586,6 +586,17 @@ def _random_model(directory: Path, dtype, device, attn_implementation):
                                                 attn_implementation=attn_implementation)
 
 
+def avoid_cudnn_attention() -> None:
+    """Take cuDNN out of torch's attention (SDPA) backends; SDPA then runs flash attention on a GPU.
+
+    cuDNN's attention plans a graph for every new sequence length, ~2 ms of CPU time per call on our H100 host
+    (results/profile_train_varlen_h100.txt), while training and evaluation meet new lengths at every step:
+    train.py at the Qwen3-8B shape, one H100, 778 -> 491 ms per micro-step. Process-wide, so the entry points
+    call it, not the library.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                   attn_implementation: str | None = None):
     """(model, tokenizer) from a hub id, a local directory, or the offline alias `smollm2-135m`.

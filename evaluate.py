@@ -260,6 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    data.avoid_cudnn_attention()  # every context and prompt has its own length
     try:
         dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
         model, tokenizer = data.load_backbone(args.model, dtype=dtype, device=args.device)

@@ -70,6 +70,7 @@ class TrainConfig:
     fsdp: bool = False  # shard the hypernetwork (weights, gradients, AdamW moments); the frozen LLM is replicated
     fsdp_llm: bool = False  # with --fsdp: shard the frozen LLM's decoder layers too, for backbones one GPU can't hold
     activation_checkpointing: bool = False
+    cudnn_attention: bool = False  # let SDPA pick cuDNN: slower here, it plans per new length (data.py)
     seed: int = 42
     attn: str = ""  # the backbone's attention implementation ("eager", "sdpa", ...); "" = transformers' default
     peak_tflops: float = 989.0  # the GPU's dense bf16 peak, for the log's MFU (H100 SXM: 989; PCIe: 756)
@@ -393,6 +394,8 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     rank, world, device = setup_distributed()
     master = rank == 0
+    if not cfg.cudnn_attention:
+        data.avoid_cudnn_attention()
     torch.manual_seed(cfg.seed)  # the same init on every rank: FSDP, unlike DDP, broadcasts nothing
     shine, model, tokenizer = build_model(cfg, device, world)
     torch.manual_seed(cfg.seed + rank)
@@ -441,7 +444,10 @@ def main(argv=None) -> dict:
         if cuda:  # per GPU: this rank's model FLOPs and memory
             tflops = step_flops(shape, micro, cfg) / ms / 1e9
             record |= {"gpus": world, "tflops": tflops, "mfu": tflops / cfg.peak_tflops,
-                       "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+                       "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                       # > 0: the caching allocator ran out, freed its cache and synchronised (fragmentation from
+                       # varying lengths); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True avoids it
+                       "alloc_retries": torch.cuda.memory_stats(device)["num_alloc_retries"]}
         if step % cfg.eval_every == 0 or step == total:
             model.eval()
             for name, val_examples in val.items():

@@ -146,6 +146,18 @@ def test_every_stage_runs_and_chains(stage, tiny_backbone_dir, tmp_path, text_fi
     assert [r["step"] for r in log] == [1, 2] and all(r["tok_s"] > 0 for r in log)
 
 
+@pytest.mark.parametrize("flag, cudnn", [((), False), (("--cudnn-attention",), True)])
+def test_cudnn_attention_is_off_unless_asked_for(tiny_backbone_dir, tmp_path, text_file, flag, cudnn):
+    """cuDNN's attention re-plans for every new sequence length (data.avoid_cudnn_attention); train.py turns it
+    off for the process unless --cudnn-attention."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        train.main(run_args(tiny_backbone_dir, tmp_path / "run", text_file, "--max-steps", "1", *flag))
+        assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_init_from_takes_a_run_directory_or_one_of_its_checkpoints(tiny_backbone_dir, tmp_path, text_file):
     from safetensors.torch import load_file
 
