@@ -10,12 +10,12 @@ Issue 6; benchmarks/README.md defines every number. Medians of repeated runs aft
 (perf_counter on the CPU); peak memory per measurement next to App. B.6's prediction (flops.peak_memory).
 - gen: Shine.generate_lora on 1,150-token contexts (fp32 hypernetwork under bf16 autocast, bf16; batch 1 and 8).
 - decode: HF generate, 64 greedy tokens after a 200-token prompt, batch 1 and 16: base, merged, hooks.
-- train: one step of the pretraining shape as train.py runs it, without and with activation checkpointing; MFU
-  counts 3 x flops.py's forward FLOPs (backward = 2x forward) against --peak-tflops.
-- compile: batch-1 decode with a static KV cache, its decoding step compiled by HF (CUDA graphs): hooks, base, and
-  the adapter merged into the base's weights (the same compiled step, replayed). Hook guards are turned on: dynamo
-  skips them by default, and a step compiled without the hooks would then silently be reused inside lora_applied,
-  decoding without the adapter.
+- train: one step of the pretraining shape as train.py runs it (cuDNN attention off), without and with activation
+  checkpointing; MFU counts 3 x flops.py's forward FLOPs (backward = 2x forward) against --peak-tflops.
+- compile: decode with a static KV cache, its decoding step compiled by HF (CUDA graphs), batch 1 and 16: hooks,
+  base, and at batch 1 the adapter merged into the base's weights (the same compiled step, replayed). Hook guards
+  are turned on: dynamo skips them by default, and a step compiled without the hooks would then silently be reused
+  inside lora_applied, decoding without the adapter.
 """
 import argparse
 import gc
@@ -32,12 +32,14 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shine.py, train.py, flops.py live at the root
 import flops  # noqa: E402
 import train  # noqa: E402
-from shine import Shine, decoder_layers, lora_applied, lora_merged  # noqa: E402
+from shine import (LLAMA_LINEARS, Shine, decoder_layers, lora_applied, lora_merged, merge_lora,  # noqa: E402
+                   target_linears, unmerge_lora)
 
 CUDA = torch.cuda.is_available()
 PARTS = ("gen", "decode", "train", "compile")  # in this order: compile is the slowest and the riskiest
@@ -156,7 +158,21 @@ def bench_gen(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
                          "tflops": batch * flops.shine_flops(s, C)["total"] / r["ms"] / 1e9,
                          "predicted_gib": predicted_gib(s, C + shine.num_memory, batch, False, dtype.itemsize)}
     hypernetwork_to(shine, torch.float32)
+    log(f"gen: the backbone's linears alone at batch {GEN_BATCH}")
+    out[f"linears_only_b{GEN_BATCH}"] = linears_only(shine.llm, GEN_BATCH * (C + shine.num_memory), w, GEN_BATCH)
     return out
+
+
+@torch.no_grad()
+def linears_only(llm, tokens: int, w: dict, batch: int) -> dict:
+    """The target linears' GEMMs of every layer over `tokens` tokens, nothing else (no attention, norms, LoRA):
+    what adapter generation's memory pass costs at the GEMMs' own speed, a floor for it without fewer FLOPs."""
+    linears = [linear for layer in target_linears(llm, LLAMA_LINEARS) for linear in layer.values()]
+    inputs = {i: torch.randn(tokens, i, device=llm.device, dtype=llm.dtype) for i in {l.in_features for l in linears}}
+    r = measure(lambda: [F.linear(inputs[l.in_features], l.weight) for l in linears], *w["runs"]["gen"])
+    gemm_flops = 2 * tokens * sum(l.weight.numel() for l in linears)
+    return r | {"ms_per_context": r["ms"] / batch, "contexts_s": 1e3 * batch / r["ms"],
+                "tflops": gemm_flops / r["ms"] / 1e9}
 
 
 def decode(llm, prompt: torch.Tensor, w: dict, runs: tuple[int, int], s: flops.Shape, **generate_kwargs) -> dict:
@@ -164,6 +180,7 @@ def decode(llm, prompt: torch.Tensor, w: dict, runs: tuple[int, int], s: flops.S
     r = measure(lambda: llm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                      max_new_tokens=n, min_new_tokens=n, **generate_kwargs), *runs)
     prefill = measure(lambda: llm(prompt, logits_to_keep=1), 1, 3)["ms"]
+    log(f"  {(r['ms'] - prefill) / (n - 1):.2f} ms per decoding step at batch {batch}")  # kept by a killed run's log
     return r | {"tok_s": 1e3 * batch * n / r["ms"], "prefill_ms": prefill, "ms_per_step": (r["ms"] - prefill) / (n - 1),
                 "decode_tok_s": 1e3 * batch * (n - 1) / (r["ms"] - prefill),
                 "predicted_gib": predicted_gib(s, w["prompt"] + n, batch, kv_cache=True)}
@@ -184,15 +201,27 @@ def bench_decode(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
                 profile(lambda: llm.generate(prompts[1], attention_mask=ones, do_sample=False, max_new_tokens=16,
                                              min_new_tokens=16), args.out.parent / "profile_decode.txt")
     log("decode: merged")
-    t = time.perf_counter()
-    with lora_merged(llm, loras[1]):
-        merge_ms = 1e3 * (time.perf_counter() - t)  # merge_lora synchronises: it copies the weights to the CPU
+    merge_ms = {"merge_ms": merge_time(llm, loras[1], keep_on=None), "merge_cpu_ms": merge_time(llm, loras[1], "cpu")}
+    with lora_merged(llm, loras[1], keep_on=None):
         for b in DECODE_BATCHES:
-            out[f"b{b}"]["merged"] = decode(llm, prompts[b], w, runs, s) | {"merge_ms": merge_ms}
-    for b in DECODE_BATCHES:
-        for mode in ("hooks", "merged"):
+            out[f"b{b}"]["merged"] = decode(llm, prompts[b], w, runs, s) | merge_ms
+    for b in DECODE_BATCHES:  # the base again: a drift over the run (clocks, heat) shows as base_after != base
+        out[f"b{b}"]["base_after"] = decode(llm, prompts[b], w, runs, s)
+        for mode in ("hooks", "merged", "base_after"):
             out[f"b{b}"][mode]["x_base"] = out[f"b{b}"][mode]["ms_per_step"] / out[f"b{b}"]["base"]["ms_per_step"]
     return out
+
+
+def merge_time(llm, lora: dict, keep_on) -> float:
+    """ms to merge one adapter into the weights, keeping the originals on `keep_on` (shine.merge_lora)."""
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    originals = merge_lora(llm, lora, keep_on=keep_on)
+    sync()
+    ms = 1e3 * (time.perf_counter() - t)
+    unmerge_lora(llm, originals)
+    return ms
 
 
 def compiled_generate_kwargs(backend: str, fullgraph: bool) -> dict:
@@ -209,25 +238,31 @@ def compiled_generate_kwargs(backend: str, fullgraph: bool) -> dict:
 @torch.no_grad()
 def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
     llm, runs, errors = shine.llm, w["runs"]["compile"], []
-    lora, prompt = generated_lora(shine, 1, w), random_ids(1, w["prompt"], s.vocab, llm.device)
-    for A, B in (pair for modules in lora.values() for pair in modules.values()):
-        torch._dynamo.mark_static_address(A)  # else CUDA graphs copy all 2 x 252 tensors at every replay
-        torch._dynamo.mark_static_address(B)
+    loras = {b: generated_lora(shine, b, w) for b in DECODE_BATCHES}
+    prompts = {b: random_ids(b, w["prompt"], s.vocab, llm.device) for b in DECODE_BATCHES}
+    for lora in loras.values():
+        for A, B in (pair for modules in lora.values() for pair in modules.values()):
+            torch._dynamo.mark_static_address(A)  # else CUDA graphs copy all 2 x 252 tensors at every replay
+            torch._dynamo.mark_static_address(B)
     for fullgraph in (True, False):  # a graph break costs speed, not correctness: fall back and say so
         kwargs, out = compiled_generate_kwargs(args.compile_backend, fullgraph), {}
         try:
-            log(f"compile: static cache, fullgraph={fullgraph}, hooks (compiling takes a minute or two)")
-            with lora_applied(llm, lora):
-                out["hooks"] = decode(llm, prompt, w, runs, s, **kwargs)
-            log("compile: base")
-            out["base"] = decode(llm, prompt, w, runs, s, **kwargs)
-            # merged in place: the base's compiled step and CUDA graphs replay over the updated weights, no
-            # recompile per adapter (merge_lora writes into the same tensors the graphs captured)
-            log("compile: merged")
-            with lora_merged(llm, lora):
-                out["merged"] = decode(llm, prompt, w, runs, s, **kwargs)
-            for mode in ("hooks", "merged"):
-                out[mode]["x_base"] = out[mode]["ms_per_step"] / out["base"]["ms_per_step"]
+            for b in DECODE_BATCHES:
+                log(f"compile b{b}: static cache, fullgraph={fullgraph}, hooks (compiling takes a minute or two)")
+                with lora_applied(llm, loras[b]):
+                    hooks = decode(llm, prompts[b], w, runs, s, **kwargs)
+                log(f"compile b{b}: base")
+                out[f"b{b}"] = {"base": decode(llm, prompts[b], w, runs, s, **kwargs), "hooks": hooks}
+                if b == 1:
+                    # merged in place: the base's compiled step and CUDA graphs replay over the updated weights,
+                    # no recompile per adapter (merge_lora writes into the same tensors the graphs captured)
+                    log("compile b1: merged, then the base again")
+                    with lora_merged(llm, loras[1], keep_on=None):
+                        out["b1"]["merged"] = decode(llm, prompts[1], w, runs, s, **kwargs)
+                    out["b1"]["base_after"] = decode(llm, prompts[1], w, runs, s, **kwargs)
+            for b, modes in out.items():
+                for mode in set(modes) - {"base"}:
+                    modes[mode]["x_base"] = modes[mode]["ms_per_step"] / modes["base"]["ms_per_step"]
             break
         except Exception as error:  # noqa: BLE001 - reported in the JSON; the other parts still count
             traceback.print_exc()
@@ -252,7 +287,9 @@ def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int =
         optimizer.zero_grad(set_to_none=True)
 
     step_flops = train.step_flops(s, [batch], cfg)  # what train.py logs: 3 x forward, LM head on T - 1 positions
-    out = {}
+    out, cudnn = {}, torch.backends.cuda.cudnn_sdp_enabled()
+    if not args.cudnn_attention:
+        train.data.avoid_cudnn_attention()  # as train.py trains (the other parts keep torch's choice)
     try:
         for name in ("no_ckpt", "ckpt"):
             if name == "ckpt":
@@ -274,9 +311,10 @@ def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int =
                 optimizer.zero_grad(set_to_none=True)
                 out[name] = {"error": f"OutOfMemoryError: {str(error)[:300]}"}
                 torch.cuda.empty_cache()
-    finally:  # undo enable_activation_checkpointing: decoding runs without it
+    finally:  # undo enable_activation_checkpointing (decoding runs without it) and the attention backend choice
         for layer in decoder_layers(shine.llm):
             layer.__dict__.pop("forward", None)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
     return out
 
 
@@ -307,6 +345,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default="inductor", help="inductor (CUDA graphs) or eager (smoke tests)")
     p.add_argument("--fsdp", action="store_true", help="train only, sharded like train.py --fsdp (under torchrun)")
     p.add_argument("--fsdp-llm", action="store_true", help="with --fsdp: shard the frozen LLM too (train.py's flag)")
+    p.add_argument("--cudnn-attention", action="store_true", help="train with cuDNN attention (train.py's flag)")
     p.add_argument("--baseline", type=Path, help="a one-GPU JSON of this script: scaling efficiency for --fsdp")
     args = p.parse_args(argv)
     if args.fsdp_llm and not args.fsdp:
@@ -329,6 +368,8 @@ def main(argv=None) -> dict:
                "torch": torch.__version__, "transformers": transformers.__version__,
                "shape": args.shape, "peak_tflops": args.peak_tflops,
                **({"sharded": "hypernetwork and LLM" if args.fsdp_llm else "hypernetwork"} if args.fsdp else {}),
+               **({"train_attention": "cudnn allowed" if args.cudnn_attention else "no cudnn"} if "train" in args.only
+                  else {}),
                "lengths": {k: w[k] for k in ("context", "train_context", "answer", "prompt", "new_tokens")}}
     torch.manual_seed(0)
     log(f"building {args.shape} on {results['device']}")
