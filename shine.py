@@ -167,15 +167,34 @@ def _add_lora(module: nn.Module, inputs: tuple, output: Tensor, A: Tensor, B: Te
     return torch.baddbmm(output, torch.bmm(x, A), B, alpha=scale)  # (b, t, O) + (b, t, r) @ (b, r, O)
 
 
+def _cast_together(tensors: list[Tensor], dtypes: list[torch.dtype]) -> list[Tensor]:
+    """Each tensor in its dtype, those needing the same cast concatenated, cast and split into views: a kernel or
+    two instead of one cast per tensor (2 x 7 x L for a LoRA, and as many in backward). The training step is bound
+    by kernel launches: at Qwen3-8B's shape this took it from 596 to 524 ms
+    (results/speed_h100_train_metalora_cast.json), at the price of a transient copy."""
+    out = list(tensors)
+    for dtype in set(dtypes):
+        cast = [k for k, (t, d) in enumerate(zip(tensors, dtypes)) if d == dtype and t.dtype != d]
+        if cast:
+            flat = torch.cat([tensors[k].reshape(-1) for k in cast]).to(dtype)
+            for k, piece in zip(cast, flat.split([tensors[k].numel() for k in cast])):
+                out[k] = piece.view_as(tensors[k])
+    return out
+
+
 @contextmanager
 def lora_applied(model: nn.Module, lora: LoRA, scale: float = 1.0):
     """Within the block, every target linear computes y = x W^T + scale * x A B. Hooks are removed on exit."""
     handles = []
     try:
+        linears, factors, dtypes = [], [], []
         for _, _, linear, A, B in _lora_pairs(model, lora):
-            dtype = linear.weight.dtype  # cast once here, not once per decoded token
-            hook = partial(_add_lora, A=A.to(dtype), B=B.to(dtype), scale=scale)
-            handles.append(linear.register_forward_hook(hook))
+            linears.append(linear)
+            factors += [A, B]
+            dtypes += [linear.weight.dtype] * 2
+        factors = _cast_together(factors, dtypes)  # once here, not once per decoded token, and all together
+        for linear, A, B in zip(linears, factors[::2], factors[1::2]):
+            handles.append(linear.register_forward_hook(partial(_add_lora, A=A, B=B, scale=scale)))
         yield model
     finally:
         for handle in handles:
@@ -264,21 +283,8 @@ class MetaLoRA(nn.Module):
             nn.ModuleDict({name: LoRAWeights(i, o, rank, init_std) for name, (i, o) in shapes.items()})
             for _ in range(num_layers))
 
-    def as_lora(self, dtype: torch.dtype | None = None) -> LoRA:
-        """{layer: {module: (A (I, r), B (r, O))}}, in `dtype` if given (the LLM's, under autocast).
-
-        The factors are concatenated, cast and split into views: two kernels instead of 2 x 7 x L casts, and as
-        few in backward. The step is bound by kernel launches; at Qwen3-8B's shape this cut the training
-        micro-step from 596 to 524 ms (results/speed_h100_train_metalora_cast.json), at the price of a transient
-        fp32 copy of the Meta-LoRA.
-        """
-        weights = [w for layer in self.layers for w in layer.values()]
-        factors = [t for w in weights for t in (w.A, w.B)]
-        if dtype is not None and factors[0].dtype != dtype:
-            flat = torch.cat([t.reshape(-1) for t in factors]).to(dtype)
-            factors = [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in factors]), factors)]
-        pairs = iter(zip(factors[::2], factors[1::2]))
-        return {l: {name: next(pairs) for name in layer} for l, layer in enumerate(self.layers)}
+    def as_lora(self) -> LoRA:
+        return {l: {name: (w.A, w.B) for name, w in layer.items()} for l, layer in enumerate(self.layers)}
 
 
 # ----------------------------------------------------------------------------- memory extraction
@@ -390,14 +396,13 @@ class M2PTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------- parameter generation
 def lora_from_states(states: Tensor, shapes: dict[str, tuple[int, int]], rank: int, mode: str = "rl",
-                     scale: float = 1e-3, dtype: torch.dtype | None = None) -> LoRA:
+                     scale: float = 1e-3) -> LoRA:
     """Cut M2P outputs into LoRAs (section 3.4, Appendix A.2).
 
     states (B, L, M, H): layer l's M*H values, flattened, are read in module order as A (I x r) then B (r x O).
-    Returns {l: {module: (A (B, I, r), B (B, r, O))}}, each factor times sqrt(scale), in `dtype` (default: the
-    states'), cast once here rather than tensor by tensor when the hooks attach.
+    Returns {l: {module: (A (B, I, r), B (B, r, O))}}, each factor times sqrt(scale).
     """
-    v = (rearrange(states, "b l m h -> b l (m h)") * math.sqrt(scale)).to(dtype or states.dtype)
+    v = rearrange(states, "b l m h -> b l (m h)") * math.sqrt(scale)
     needed = rank * sum(i + o for i, o in shapes.values())
     if v.shape[-1] < needed:
         raise ValueError(f"memory holds {v.shape[-1]} values per layer, the LoRA needs {needed} (eq. 4)")
@@ -463,7 +468,7 @@ class Shine(nn.Module):
         read = lambda module, inputs, output: states.append(_layer_output(output)[:, -M:])  # eq. 2
         handles = [layer.register_forward_hook(read) for layer in decoder_layers(self.llm)]
         try:
-            with lora_applied(self.llm, self.meta_lora.as_lora(self.llm.dtype)):
+            with lora_applied(self.llm, self.meta_lora.as_lora()):
                 self.llm.get_decoder()(inputs_embeds=h0, attention_mask=mask, position_ids=_positions(mask),
                                        use_cache=False)
         finally:
@@ -472,11 +477,11 @@ class Shine(nn.Module):
         return torch.stack(states, dim=1)  # (B, L, M, H), eq. 3
 
     def generate_lora(self, context_ids: Tensor, context_mask: Tensor | None = None) -> LoRA:
-        """Context (B, N) -> one LoRA per row, in the LLM's dtype: {layer: {module: (A (B, I, r), B (B, r, O))}}."""
+        """Context (B, N) -> one LoRA per row: {layer: {module: (A (B, I, r), B (B, r, O))}}."""
         states = self.memory_states(context_ids, context_mask)
         mixed = self.m2p(states.to(self.memory.dtype))
         c = self.config
-        return lora_from_states(mixed, self.shapes, c.lora_rank, c.reshape_mode, c.lora_scale, self.llm.dtype)
+        return lora_from_states(mixed, self.shapes, c.lora_rank, c.reshape_mode, c.lora_scale)
 
     def answer_loss(self, lora: LoRA, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                     reduction: str = "mean") -> Tensor:

@@ -201,10 +201,11 @@ def bench_decode(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
                 profile(lambda: llm.generate(prompts[1], attention_mask=ones, do_sample=False, max_new_tokens=16,
                                              min_new_tokens=16), args.out.parent / "profile_decode.txt")
     log("decode: merged")
-    merge_ms = {"merge_ms": merge_time(llm, loras[1], keep_on=None), "merge_cpu_ms": merge_time(llm, loras[1], "cpu")}
+    merge_times = {"merge_ms": merge_time(llm, loras[1], keep_on=None),
+                   "merge_cpu_ms": merge_time(llm, loras[1], keep_on="cpu")}
     with lora_merged(llm, loras[1], keep_on=None):
         for b in DECODE_BATCHES:
-            out[f"b{b}"]["merged"] = decode(llm, prompts[b], w, runs, s) | merge_ms
+            out[f"b{b}"]["merged"] = decode(llm, prompts[b], w, runs, s) | merge_times
     for b in DECODE_BATCHES:  # the base again: a drift over the run (clocks, heat) shows as base_after != base
         out[f"b{b}"]["base_after"] = decode(llm, prompts[b], w, runs, s)
         for mode in ("hooks", "merged", "base_after"):

@@ -125,26 +125,27 @@ def test_lora_errors_are_clear(qwen):
         Shine(qwen, ShineConfig(target_modules=("q_proj", "c_attn")))
 
 
-def test_meta_lora_cast_in_one_kernel_keeps_values_and_gradients(qwen):
-    """as_lora(dtype) concatenates, casts and splits: each module's own factors cast, and every factor's gradient
-    arrives (cast back to fp32) at its own parameter."""
+def test_lora_factors_cast_together_keep_values_and_gradients(qwen):
+    """lora_applied casts all factors in one concatenated tensor (shine._cast_together): each module's own factors
+    cast, and every factor's gradient arrives (cast back to fp32) at its own parameter."""
+    from shine import _cast_together
+
     meta = Shine(qwen, SMALL).meta_lora
     with torch.no_grad():
         for p in meta.parameters():
             p.normal_()
-    cast = meta.as_lora(torch.bfloat16)
-    assert sorted(cast) == list(range(len(meta.layers)))
-    for l, layer in enumerate(meta.layers):
-        assert list(cast[l]) == list(layer)
-        for name, w in layer.items():
-            A, B = cast[l][name]
-            assert A.dtype == B.dtype == torch.bfloat16
-            assert torch.equal(A, w.A.to(torch.bfloat16)) and torch.equal(B, w.B.to(torch.bfloat16))
-    sum((l + 1) * A.float().sum() + 2 * B.float().sum() for l, m in cast.items() for A, B in m.values()).backward()
-    for l, layer in enumerate(meta.layers):
-        for w in layer.values():
-            assert torch.equal(w.A.grad, torch.full_like(w.A, l + 1)) and torch.equal(w.B.grad, torch.full_like(w.B, 2.0))
-    assert meta.as_lora(torch.float32)[1]["v_proj"][1] is meta.layers[1]["v_proj"].B  # no cast: the parameters
+    weights = [(l, w) for l, layer in enumerate(meta.layers) for w in layer.values()]
+    factors = [t for _, w in weights for t in (w.A, w.B)]
+    cast = _cast_together(factors, [torch.bfloat16] * len(factors))
+    for (l, w), A, B in zip(weights, cast[::2], cast[1::2]):
+        assert A.dtype == B.dtype == torch.bfloat16 and A.shape == w.A.shape and B.shape == w.B.shape
+        assert torch.equal(A, w.A.to(torch.bfloat16)) and torch.equal(B, w.B.to(torch.bfloat16))
+    pairs = zip(weights, cast[::2], cast[1::2])
+    sum((l + 1) * A.float().sum() + 2 * B.float().sum() for (l, _), A, B in pairs).backward()
+    for l, w in weights:
+        assert torch.equal(w.A.grad, torch.full_like(w.A, l + 1)) and torch.equal(w.B.grad, torch.full_like(w.B, 2.0))
+    same = _cast_together(factors, [torch.float32] * len(factors))
+    assert all(s is f for s, f in zip(same, factors))  # no cast: the parameters themselves
 
 
 def test_gradients_reach_exactly_the_hypernetwork(qwen):
