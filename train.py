@@ -461,6 +461,7 @@ def main(argv=None) -> dict:
         if step % cfg.save_every == 0 or step == total:
             save_checkpoint(shine, optimizer, cfg, step, rank)
     if world > 1:
+        dist.barrier()  # rank 0 may still be writing the last checkpoint: tearing gloo down under it aborted a rank
         dist.destroy_process_group()
     return record
 
