@@ -221,7 +221,9 @@ def default_checkpoint(model: str) -> Path | None:
 def merged_results(earlier: dict, results: dict, args, n: int) -> dict:
     """`earlier` (a results JSON of this script) updated with this run's methods, after checking that both
     scored the same questions the same way: methods run apart (e.g. on two machines) then share one table."""
-    same = ("bench", "data_file", "model", "shine_ckpt", "seed", "max_new_tokens", "max_context_tokens", "system", "context_in")
+    same = ["bench", "data_file", "model", "seed", "max_new_tokens", "max_context_tokens", "system", "context_in"]
+    if "shine" in earlier["results"] and "shine" not in results:  # a new checkpoint replaces shine's results
+        same.append("shine_ckpt")
     differ = [k for k in same if earlier["config"].get(k) != getattr(args, k)]
     if earlier["n"] != n:
         differ.append(f"n {earlier['n']}, now {n}")

@@ -16,19 +16,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${PY:=python3}" "${MODEL:=smollm2-135m}" "${DATA_DIR:=.carry_data}" "${RUN:=runs/135m}" "${CKPT_IN:=.carry_ckpt}"
 : "${RESULTS:=results/shine-135m}" "${PACKAGE_DIR:=checkpoints/shine-smollm2-135m}"
-: "${META_RANK:=40}" "${MAX_CONTEXT:=1150}" "${EVAL_EVERY:=100}" "${SAVE_EVERY:=200}" "${TRAIN_EXTRA:=}"
-# the shipped checkpoint's recipe: ~18 minutes of training on one H100 (each stage one device call, < 10 minutes)
+: "${META_RANK:=40}" "${LORA_SCALE:=2.7e-3}" "${MAX_CONTEXT:=1150}" "${EVAL_EVERY:=100}" "${SAVE_EVERY:=200}" "${TRAIN_EXTRA:=}"
+# the shipped checkpoint's recipe: ~18 minutes of training on one H100 (each stage one device call, < 10 minutes).
+# LORA_SCALE=2.7e-4 (the preset's since) lets the context reach the LoRA ~4x faster: see channel_probe.py
 : "${PRETRAIN_STEPS:=650}" "${PRETRAIN_BATCH:=16}" "${PRETRAIN_LR:=5e-4}"  # lr 1e-3 diverged
+: "${PRETRAIN_CONTEXT:=$MAX_CONTEXT}"  # texts are packed up to this many tokens (the fine-tuning stages: MAX_CONTEXT)
 : "${MQA_STEPS:=420}" "${MQA_BATCH:=32}" "${MQA_LR:=3e-4}"        # 1.6 epochs of 8,297 conversations
 : "${ONEQA_STEPS:=800}" "${ONEQA_BATCH:=32}" "${ONEQA_LR:=2e-4}"  # 0.7 epoch of 37,604 questions; batch 64 ran OOM
 : "${PART_SIZE:=15M}" "${HELDOUT:=50}" "${SQUAD_SAMPLE:=1000}" "${TIMING_STEPS:=20}" "${TIMING_MINUTES:=6,6.5,6.5}" "${RESUME:=}"
+# Table 2's methods; a retrained checkpoint needs only TABLE2_METHODS=shine (and COQA_METHODS=shine) with MERGE=1
+: "${TABLE2_METHODS:=naive,in-context,shine}"
 : "${EVAL_BATCH:=16}" "${EVAL_LIMIT:=}" "${MAX_NEW_TOKENS:=32}" "${EVAL_EXTRA:=}" "${BENCHES:=squad hotpotqa musique 2wiki coqa}"
 # CoQA's 50 conversations take ~4.5 minutes per baseline on an H100 (HF generate, turn by turn), more than one
-# 10-minute call for all four methods: BENCHES=coqa COQA_METHODS=naive,in-context, then sft,shine with MERGE=1
+# 10-minute call for all four methods: BENCHES=coqa COQA_METHODS=naive,in-context, then sft,shine with MERGE=1.
+# MERGE=1 keeps the other methods' results already in $RESULTS (evaluate.py --merge checks they match)
 : "${COQA_METHODS:=naive,in-context,sft,shine}" "${MERGE:=}"
 : "${CURVE_PER_BUCKET:=64}" "${CURVE_BATCH:=16}" "${CURVE_BUCKETS:=64,128,256,512,1150}"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
-DATA=$RUN/data
+DATA=${DATA:-$RUN/data}  # make_heldout.py's files; runs side by side can share one
 SHIFTS=$(printf "$DATA/squadshifts_%s.json.gz," new_wiki nyt reddit amazon); SHIFTS=${SHIFTS%,}
 if [ -n "${OUT:-}" ]; then  # a full log comes back too; the trap lets tee finish writing it
   exec > >(tee -a "$OUT/shine_135m.log") 2>&1
@@ -52,14 +57,14 @@ ckpt() {  # stage [bf16]: this machine's run (float32), else or with "bf16" its 
   echo "$RUN/export/$stage"
 }
 
-train_stage() {  # stage steps batch lr data [init stage]
-  local stage=$1 steps=$2 batch=$3 lr=$4 data=$5 init=() from
-  if [ -n "${6:-}" ]; then from=$(ckpt "$6"); init=(--init-from "$from"); fi
+train_stage() {  # stage steps batch lr data context [init stage]
+  local stage=$1 steps=$2 batch=$3 lr=$4 data=$5 context=$6 init=() from
+  if [ -n "${7:-}" ]; then from=$(ckpt "$7"); init=(--init-from "$from"); fi
   [ -n "$RESUME" ] || rm -rf "${RUN:?}/$stage" "$RUN/export/$stage"
   $PY train.py --stage "$stage" --preset smollm2 --model "$MODEL" --data "$data" --out-dir "$RUN/$stage" \
-    --meta-lora-rank "$META_RANK" --max-context "$MAX_CONTEXT" --max-steps "$steps" --batch-size "$batch" \
-    --grad-accum 1 --lr "$lr" --eval-every "$EVAL_EVERY" --save-every "$SAVE_EVERY" ${RESUME:+--resume} \
-    "${init[@]}" $TRAIN_EXTRA
+    --meta-lora-rank "$META_RANK" --lora-scale "$LORA_SCALE" --max-context "$context" --max-steps "$steps" \
+    --batch-size "$batch" --grad-accum 1 --lr "$lr" --eval-every "$EVAL_EVERY" --save-every "$SAVE_EVERY" \
+    ${RESUME:+--resume} "${init[@]}" $TRAIN_EXTRA
   $PY benchmarks/shine_135m.py export --run "$RUN" --stage "$stage"
   if [ -n "${OUT:-}" ]; then split_parts "$RUN/export/$stage" "$OUT/ckpt/$stage"; fi
 }
@@ -80,7 +85,7 @@ evaluate() {  # name bench methods [evaluate.py flags]
   final=$(ckpt ift-1qa bf16)  # what gets shipped, so the README's numbers are the shipped checkpoint's
   $PY evaluate.py --bench "$bench" --method "$methods" --model "$MODEL" --shine-ckpt "$final" \
     --batch-size "$EVAL_BATCH" --max-new-tokens "$MAX_NEW_TOKENS" --max-context-tokens "$MAX_CONTEXT" --seed 42 \
-    --out "$RESULTS/$name.json" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} "$@" $EVAL_EXTRA
+    --out "$RESULTS/$name.json" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ${MERGE:+--merge} "$@" $EVAL_EXTRA
 }
 
 export_results() {
@@ -97,22 +102,25 @@ for cmd in "$@"; do
         read -r stage batch <<< "$spec"
         rm -rf "$RUN/timing/$stage" && mkdir -p "$RUN/timing"
         $PY train.py --stage "$stage" --preset smollm2 --model "$MODEL" --out-dir "$RUN/timing/$stage" \
-          --meta-lora-rank "$META_RANK" --max-context "$MAX_CONTEXT" --max-steps "$TIMING_STEPS" --batch-size "$batch" \
+          --meta-lora-rank "$META_RANK" --lora-scale "$LORA_SCALE" --max-context "$MAX_CONTEXT" \
+          --max-steps "$TIMING_STEPS" --batch-size "$batch" \
           --grad-accum 1 --eval-every 1000000 --save-every 1000000 $TRAIN_EXTRA > "$RUN/timing/$stage.log" 2>&1 \
           || { tail -20 "$RUN/timing/$stage.log"; exit 1; }
       done
       $PY benchmarks/shine_135m.py timing --run "$RUN" --minutes "$TIMING_MINUTES" ;;
-    pretrain) prepare; train_stage pretrain "$PRETRAIN_STEPS" "$PRETRAIN_BATCH" "$PRETRAIN_LR" "$SHIFTS,$DATA/coqa_train.json.gz" ;;
-    ift-mqa) prepare; train_stage ift-mqa "$MQA_STEPS" "$MQA_BATCH" "$MQA_LR" "$DATA/coqa_train.json.gz,$SHIFTS" pretrain ;;
-    ift-1qa) prepare; train_stage ift-1qa "$ONEQA_STEPS" "$ONEQA_BATCH" "$ONEQA_LR" "$SHIFTS" ift-mqa ;;
+    pretrain) prepare; train_stage pretrain "$PRETRAIN_STEPS" "$PRETRAIN_BATCH" "$PRETRAIN_LR" "$SHIFTS,$DATA/coqa_train.json.gz" \
+      "$PRETRAIN_CONTEXT" ;;
+    ift-mqa) prepare; train_stage ift-mqa "$MQA_STEPS" "$MQA_BATCH" "$MQA_LR" "$DATA/coqa_train.json.gz,$SHIFTS" \
+      "$MAX_CONTEXT" pretrain ;;
+    ift-1qa) prepare; train_stage ift-1qa "$ONEQA_STEPS" "$ONEQA_BATCH" "$ONEQA_LR" "$SHIFTS" "$MAX_CONTEXT" ift-mqa ;;
     eval)
       prepare
       mkdir -p "$RESULTS"
       for bench in $BENCHES; do
         case $bench in
-          squad) evaluate squad squad naive,in-context,shine --data-file "$DATA/squad_dev1000_seed42.jsonl" ;;
-          coqa) evaluate coqa-heldout msmarco-mqa "$COQA_METHODS" --data-file "$DATA/coqa_heldout50.jsonl" ${MERGE:+--merge} ;;
-          *) evaluate "$bench" "$bench" naive,in-context,shine ;;  # the bundled samples: 103 / 200 / 200
+          squad) evaluate squad squad "$TABLE2_METHODS" --data-file "$DATA/squad_dev1000_seed42.jsonl" ;;
+          coqa) evaluate coqa-heldout msmarco-mqa "$COQA_METHODS" --data-file "$DATA/coqa_heldout50.jsonl" ;;
+          *) evaluate "$bench" "$bench" "$TABLE2_METHODS" ;;  # the bundled samples: 103 / 200 / 200
         esac
         export_results "$RESULTS/${bench/coqa/coqa-heldout}.json"
       done ;;

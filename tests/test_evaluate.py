@@ -2,6 +2,7 @@
 end on a tiny model from a config (with a real chat template), multi-turn history, and clear errors."""
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -229,6 +230,12 @@ def test_merge_adds_methods_run_apart_and_refuses_other_settings(tiny_dir, tmp_p
         run(tiny_dir, tmp_path, "--method", "naive", "--merge", "--max-new-tokens", "4", *ckpt)
     with pytest.raises(SystemExit, match="n 3, now 2"):
         run(tiny_dir, tmp_path, "--method", "naive", "--merge", "--limit", "2", *ckpt)
+    # a new checkpoint may replace shine's results, but the kept shine results must not pass for the new one's
+    other = ("--shine-ckpt", str(shutil.copytree(tiny_dir / "ckpt", tmp_path / "other")))
+    with pytest.raises(SystemExit, match="shine_ckpt"):
+        run(tiny_dir, tmp_path, "--method", "naive", "--merge", *other)
+    replaced = run(tiny_dir, tmp_path, "--method", "shine", "--merge", *other)
+    assert replaced["config"]["shine_ckpt"] == other[1] and replaced["results"]["naive"] == saved["naive"]
 
 
 def test_sft_on_passage_learns_the_passage(tiny_dir):
