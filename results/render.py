@@ -5,6 +5,7 @@
 
 Reads results/shine-135m/: {squad,hotpotqa,musique,2wiki}.json and coqa-heldout.json (evaluate.py reports),
 recon_curves.json (benchmarks/recon_curves.py), training.json (benchmarks/shine_135m.py package),
+channel_probe.json (benchmarks/channel_probe.py runs and recipe trials),
 results/train_*.json (benchmarks/train_summary.py) and results/speed*.json (benchmarks/speed.py). Missing files are
 skipped.
 """
@@ -90,6 +91,36 @@ def training_table(training: dict | None) -> str | None:
             + markdown_table(["stage", "steps", "batch", "peak lr", "training minutes", "train loss", "held-out loss"], rows))
 
 
+def channel_tables(probe: dict | None) -> list[str]:
+    """benchmarks/channel_probe.py by LoRA scale s: how much of the held-out loss comes from the text's own LoRA."""
+    if probe is None:
+        return []
+    runs = probe["runs"]
+    steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs.values())) - {0})
+    marks = [s for s in steps if s % 100 == 0][-6:]
+    rows = []
+    for scale, r in runs.items():
+        at = {p["step"]: p for p in r["curve"]}
+        last = r["curve"][-1]
+        rows.append([scale, f"{r['config']['lr']:g}", *(f"{at[s]['channel']:+.3f}" for s in marks),
+                     f"{last['step']}", f"{last['own']:.3f} / {last['other']:.3f} / {last['none']:.3f}"])
+    tables = [("**Is the context reaching the LoRA?** `benchmarks/channel_probe.py`: reconstruction-only training "
+               "from scratch; held-out WikiText-2 loss under another text's LoRA minus under the text's own "
+               "(nats per token, the channel), by the generated LoRA's scale s." + note(probe) + "\n\n")
+              + markdown_table(["s", "lr", *(f"step {s}" for s in marks), "last step", "own / other / none"], rows)]
+    if trials := probe.get("trials"):
+        fmt = lambda v, spec: format(v, spec) if v is not None else "–"
+        scale = lambda x: f"{x:.1e}".replace("e-0", "e-")
+        rows = [[t["name"], scale(t["lora_scale"]), str(t["pretrain_context"]), f"{t['steps']} × {t['batch']}",
+                 f"{t['val_recon_loss']:.3f} / {t['val_comp_loss']:.3f}", fmt(t["squad_shine_f1"], ".1f"), t["remark"]]
+                for t in trials]
+        tables.append("**Recipe trials** (`benchmarks/shine_135m.sh` stages, not shipped): held-out reconstruction "
+                      "/ completion loss at the end of pretraining, SHINE's SQuAD F1 after the IFT stages.\n\n"
+                      + markdown_table(["trial", "s", "pretraining context", "steps × batch", "recon / comp",
+                                        "SQuAD F1", "remark"], rows))
+    return tables
+
+
 def speed_rows(report: dict, path: str = "") -> list[list[str]]:
     """benchmarks/speed.py's measurements (nested dicts whose leaves carry "ms"), one row each, as its print_table."""
     rows = []
@@ -147,7 +178,8 @@ def train_tables(directory: Path) -> list[str]:
 def render(results_dir: Path = HERE) -> str:
     shine = load(Path(results_dir) / "shine-135m")
     parts = [table2(shine), table1(shine.get("coqa-heldout")), curves_table(shine.get("recon_curves")),
-             training_table(shine.get("training")), *train_tables(results_dir), *speed_tables(results_dir)]
+             training_table(shine.get("training")), *channel_tables(shine.get("channel_probe")),
+             *train_tables(results_dir), *speed_tables(results_dir)]
     parts = [p for p in parts if p]
     return "\n\n".join(parts) if parts else "_No results yet: see benchmarks/shine_135m.sh._"
 

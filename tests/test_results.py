@@ -33,6 +33,7 @@ render = load_module("render", "results/render.py")
 curves = load_module("recon_curves", "benchmarks/recon_curves.py")
 heldout = load_module("make_heldout", "benchmarks/make_heldout.py")
 helpers = load_module("shine_135m", "benchmarks/shine_135m.py")
+probe = load_module("channel_probe", "benchmarks/channel_probe.py")
 
 
 # ----------------------------------------------------------------------------- render.py
@@ -179,6 +180,69 @@ def test_per_example_losses_match_one_example_at_a_time():
         assert base == pytest.approx(hf, rel=1e-5) and all(abs(a - b) > 1e-3 for a, b in zip(base, alone))
 
 
+# ----------------------------------------------------------------------------- channel_probe.py
+def test_channel_is_zero_when_every_text_is_the_same_and_not_otherwise():
+    """other - own measures what a LoRA knows about its own text: with identical texts the neighbour's LoRA IS the
+    text's own (exactly zero); with different texts and a non-trivial hypernetwork it is not; "none" ignores the
+    hypernetwork altogether."""
+    tok = chat_tokenizer("qwen3")
+    torch.manual_seed(0)
+    shine = Shine(tiny_qwen3(vocab=len(tok), init_range=0.2),
+                  ShineConfig(lora_rank=2, meta_lora_rank=4, m2p_layers=1, lora_scale=0.3)).eval()
+    for p in shine.hypernetwork_state_dict().values():
+        torch.nn.init.normal_(p, std=0.3)
+    texts = ["The Rhine begins in the Swiss canton of Graubunden.", "Oxygen has the symbol O.",
+             "Kenya is a country in East Africa with Nairobi as its capital."]
+    eot = train.eot_id(tok)
+    examples = lambda ts: [train.pretrain_example(tok, [tok(t).input_ids], random.Random(0), eot, 1.0) for t in ts]
+    same = probe.channel(shine, examples([texts[0]] * 3), batch_size=2, pad_id=tok.pad_token_id)
+    assert same["channel"] == 0.0 and same["own"] == same["other"] != same["none"]
+    different = probe.channel(shine, examples(texts), batch_size=2, pad_id=tok.pad_token_id)
+    assert abs(different["channel"]) > 1e-3
+    for p in shine.hypernetwork_state_dict().values():
+        torch.nn.init.normal_(p, std=0.1)
+    assert probe.channel(shine, examples(texts), 2, tok.pad_token_id)["none"] == pytest.approx(different["none"])
+
+
+def test_memory_spread_is_zero_for_identical_contexts_and_matches_a_direct_computation(qwen):
+    shine = Shine(qwen, ShineConfig(lora_rank=2, meta_lora_rank=4, m2p_layers=1)).eval()
+    ids = torch.randint(3, 128, (3, 10))
+    mask = torch.ones_like(ids)
+    same = probe.memory_spread(shine, ids[:1].repeat(3, 1), mask)
+    assert len(same) == qwen.config.num_hidden_layers and all(r["across_contexts"] < 1e-6 for r in same)
+    spread = probe.memory_spread(shine, ids, mask)
+    states = shine.memory_states(ids, mask).detach()
+    for l, r in enumerate(spread):
+        x = states[:, l]
+        assert r["rms"] == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-5)
+        assert r["max_abs"] == pytest.approx(x.abs().max().item(), rel=1e-6)
+        assert r["across_contexts"] * r["rms"] == pytest.approx((x - x.mean(0)).pow(2).mean().sqrt().item(), rel=1e-5)
+        assert r["across_contexts"] > 0
+
+
+def test_text_chunks_are_consecutive_and_keep_long_enough_tails():
+    class Words:  # one token per word
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(w) for w in text.split()]}
+    texts = [" ".join(map(str, range(10))), " ".join(map(str, range(100, 105)))]
+    assert probe.text_chunks(Words(), texts, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [100, 101, 102, 103], [104]]
+    assert probe.text_chunks(Words(), texts, 8) == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9], [100, 101, 102, 103, 104]]
+    assert probe.text_chunks(Words(), texts, 4, limit=2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_probe_runs_end_to_end_and_writes_its_curve(tiny_backbone_dir, tmp_path):
+    out = tmp_path / "probe.json"
+    report = probe.main(["--model", str(tiny_backbone_dir), "--steps", "3", "--eval-every", "2", "--val", "4",
+                         "--batch-size", "2", "--ctx", "24", "--meta-lora-rank", "4", "--lr", "1e-3",
+                         "--out", str(out)])
+    assert [p["step"] for p in report["curve"]] == [0, 2, 3]
+    assert json.loads(out.read_text())["curve"] == report["curve"]
+    for point in report["curve"]:
+        assert all(math.isfinite(point[k]) for k in ("own", "other", "none", "channel"))
+        assert point["channel"] == pytest.approx(point["other"] - point["own"])
+    assert report["curve"][0]["train_loss"] is None and report["curve"][-1]["train_loss"] > 0
+
+
 # ----------------------------------------------------------------------------- make_heldout.py
 @pytest.fixture
 def small_data_dir(tmp_path):
@@ -296,7 +360,7 @@ def test_driver_end_to_end_on_a_tiny_backbone(tiny_backbone_dir, small_data_dir,
     out.mkdir()
     env = dict(MODEL=str(tiny_backbone_dir), DATA_DIR=str(small_data_dir), RUN=str(run), OUT=str(out),
                RESULTS=str(tmp_path / "results"), PACKAGE_DIR=str(tmp_path / "pkg"), CKPT_IN=str(tmp_path / "none"),
-               META_RANK="4", MAX_CONTEXT="48", TRAIN_EXTRA="--lora-rank 2 --m2p-layers 1 --max-answer 200 --val-size 2",
+               META_RANK="4", MAX_CONTEXT="48", PRETRAIN_CONTEXT="24", TRAIN_EXTRA="--lora-rank 2 --m2p-layers 1 --max-answer 200 --val-size 2",
                PRETRAIN_STEPS="2", MQA_STEPS="2", ONEQA_STEPS="2", PRETRAIN_BATCH="2", MQA_BATCH="2", ONEQA_BATCH="2",
                HELDOUT="3", SQUAD_SAMPLE="4", EVAL_LIMIT="2", EVAL_BATCH="2", MAX_NEW_TOKENS="2",
                EVAL_EXTRA="--sft-epochs 1", BENCHES="squad coqa", CURVE_BUCKETS="8,16,48", CURVE_PER_BUCKET="2")
@@ -310,6 +374,7 @@ def test_driver_end_to_end_on_a_tiny_backbone(tiny_backbone_dir, small_data_dir,
     assert reports["squad"]["n"] == 2 and reports["squad"]["checkpoint"].endswith("export/ift-1qa")  # bf16, as shipped
     assert list(reports["recon_curves"]["summary"]) == ["base", "pretrain", "final"]
     assert [s["stage"] for s in reports["training"]["stages"]] == list(helpers.STAGES)
+    assert [s["max_context"] for s in reports["training"]["stages"]] == [24, 48, 48]  # PRETRAIN_CONTEXT
     assert np.isfinite(reports["recon_curves"]["summary"]["final"]["recon"]["loss"]["median"]).all()
     assert sorted(p.name for p in (out / "results" / "shine-135m").iterdir()) == [
         "coqa-heldout.json", "recon_curves.json", "squad.json"]
@@ -325,3 +390,9 @@ def test_driver_end_to_end_on_a_tiny_backbone(tiny_backbone_dir, small_data_dir,
         assert again["losses"]["final"][task] == pytest.approx(losses, rel=1e-6)
     for name in ("hypernetwork.safetensors", "shine_config.json"):
         assert (tmp_path / "pkg2" / name).read_bytes() == (tmp_path / "pkg" / name).read_bytes()
+    # a retrained checkpoint re-runs SHINE alone; the baselines' answers are kept, not recomputed
+    driver("eval", **{**fresh, "TABLE2_METHODS": "shine", "MERGE": "1", "BENCHES": "squad", "DATA": str(run / "data")})
+    merged = json.loads((tmp_path / "results" / "squad.json").read_text())
+    assert list(merged["results"]) == ["naive", "in-context", "shine"]
+    assert merged["results"]["naive"] == reports["squad"]["results"]["naive"]
+    assert merged["config"]["shine_ckpt"].startswith(str(tmp_path / "fresh"))
