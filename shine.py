@@ -432,7 +432,11 @@ class Shine(nn.Module):
 
     def __init__(self, llm: nn.Module, config: ShineConfig | None = None):
         super().__init__()
-        if getattr(llm, "is_gradient_checkpointing", False):
+        # transformers >= 5.24 calls it is_activation_checkpointing (the old name warns); both are properties
+        checkpointing = getattr(llm, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(llm, "is_gradient_checkpointing", False)
+        if checkpointing:
             raise ValueError("disable Hugging Face gradient checkpointing: its recomputation would run without the "
                              "LoRA hooks (see the module docstring)")
         self.config = config = config or ShineConfig()

@@ -179,6 +179,17 @@ def test_padded_batch_gives_each_contexts_memory_states(qwen):
     torch.testing.assert_close(batch[1], shine.memory_states(b)[0], atol=1e-5, rtol=1e-4)
 
 
+def test_hugging_face_checkpointing_is_refused_without_a_deprecation_warning(qwen):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FutureWarning from a deprecated transformers property either
+        Shine(qwen, SMALL)
+    qwen.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        Shine(qwen, SMALL)
+
+
 def test_context_errors_are_clear(qwen):
     shine = Shine(qwen, SMALL)
     with pytest.raises(ValueError, match="empty context"):
