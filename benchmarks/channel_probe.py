@@ -39,6 +39,7 @@ import recon_curves  # noqa: E402
 import train  # noqa: E402
 from shine import Shine, ShineConfig  # noqa: E402
 
+PRESET = train.PRESETS["smollm2"]["all"]  # the SHINE-135M hypernetwork's sizes and s
 DEFAULT_TEXTS = ",".join(str(data.BUNDLED[k]) for k in (
     "squadshifts-new_wiki", "squadshifts-nyt", "squadshifts-reddit", "squadshifts-amazon", "coqa"))
 
@@ -66,6 +67,8 @@ def memory_spread(shine: Shine, context_ids: torch.Tensor, context_mask: torch.T
     """Per LLM layer: RMS and largest |value| of the memory states, and how much they differ between contexts (RMS
     of each context's deviation from the batch mean, relative to the RMS). Near 0: the M2P sees the same memory
     whatever the context, so it can only write one LoRA for all of them. Contexts (B, N), B >= 2."""
+    if context_ids.shape[0] < 2:
+        raise ValueError(f"the spread across contexts needs at least 2 contexts, got {context_ids.shape[0]}")
     states = shine.memory_states(context_ids, context_mask).float()  # (B, L, M, H)
     rms = states.pow(2).mean((0, 2, 3)).sqrt()
     spread = (states - states.mean(0, keepdim=True)).pow(2).mean((0, 2, 3)).sqrt()
@@ -78,7 +81,7 @@ def inspect(model: str, checkpoint: str | None, contexts: int = 8, length: int =
     """memory_spread of a checkpoint (or a fresh hypernetwork) on the first bundled SQuAD dev contexts."""
     llm, tokenizer = data.load_backbone(model)
     shine = Shine.from_pretrained(llm, checkpoint) if checkpoint else Shine(
-        llm, ShineConfig(meta_lora_rank=40, lora_scale=train.PRESETS["smollm2"]["all"]["lora_scale"]))
+        llm, ShineConfig(meta_lora_rank=PRESET["meta_lora_rank"], lora_scale=PRESET["lora_scale"]))
     records = data.load_qa("squad", data.BUNDLED["squad"])[0][:contexts]
     ids, mask = data.left_pad([data.encode_context(tokenizer, r.context, length) for r in records], tokenizer.pad_token_id)
     return memory_spread(shine.eval(), ids, mask)
@@ -88,10 +91,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--texts", default=DEFAULT_TEXTS, help="comma-separated training text files (data.load_texts)")
-    p.add_argument("--lora-scale", type=float, default=train.PRESETS["smollm2"]["all"]["lora_scale"],
+    p.add_argument("--lora-scale", type=float, default=PRESET["lora_scale"],
                    help="s of the generated LoRA (default: train.py's smollm2 preset)")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--meta-lora-rank", type=int, default=40)
+    p.add_argument("--meta-lora-rank", type=int, default=PRESET["meta_lora_rank"])
     p.add_argument("--ctx", type=int, default=128, help="tokens per text")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)

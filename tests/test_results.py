@@ -210,6 +210,8 @@ def test_memory_spread_is_zero_for_identical_contexts_and_matches_a_direct_compu
     mask = torch.ones_like(ids)
     same = probe.memory_spread(shine, ids[:1].repeat(3, 1), mask)
     assert len(same) == qwen.config.num_hidden_layers and all(r["across_contexts"] < 1e-6 for r in same)
+    with pytest.raises(ValueError, match="at least 2 contexts"):
+        probe.memory_spread(shine, ids[:1], mask[:1])
     spread = probe.memory_spread(shine, ids, mask)
     states = shine.memory_states(ids, mask).detach()
     for l, r in enumerate(spread):
