@@ -122,8 +122,8 @@ def main(argv=None) -> dict:
     pool = text_chunks(tokenizer, [t for f in args.texts.split(",") for t in data.load_texts(f)], args.ctx)
     held_out = [example(c) for c in text_chunks(tokenizer, data.load_texts(data.BUNDLED["wikitext-2"]), args.ctx,
                                                  args.val)]
-    optimizer = train.make_optimizer(shine, train.TrainConfig(lr=args.lr))
-    params = [q for q in shine.parameters() if q.requires_grad]
+    cfg = train.TrainConfig(lr=args.lr)  # AdamW, weight decay and clipping as train.py
+    optimizer = train.make_optimizer(shine, cfg)
     autocast = lambda: torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     report = {"config": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "train_texts": len(pool), "curve": []}
@@ -145,15 +145,8 @@ def main(argv=None) -> dict:
     while step < args.steps and time.perf_counter() - start < args.max_seconds:
         batch = {k: v.to(device) for k, v in train.collate(
             [example(pool[rng.randrange(len(pool))]) for _ in range(args.batch_size)], pad_id).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / warmup)
-        with autocast():
-            loss_t = shine(**batch)
-        loss_t.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, loss = step + 1, loss_t.item()
+        lr = args.lr * min(1.0, (step + 1) / warmup)
+        step, loss = step + 1, train.optimizer_step(shine, shine, optimizer, [batch], lr, cfg, 1, autocast)
         if not math.isfinite(loss):
             raise SystemExit(f"loss {loss} at step {step}: lower --lr")
         if step % args.eval_every == 0:
