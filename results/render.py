@@ -3,7 +3,8 @@
     python results/render.py            # rewrite README.md between <!-- results:start --> and <!-- results:end -->
     python results/render.py --check    # exit 1 if README.md is out of date with results/
 
-Reads results/shine-135m/: {squad,hotpotqa,musique,2wiki}.json and coqa-heldout.json (evaluate.py reports),
+Reads results/shine-135m/: {squad,hotpotqa,musique,2wiki}.json, control_<bench>.json and coqa-heldout.json
+(evaluate.py reports),
 recon_curves.json (benchmarks/recon_curves.py), training.json (benchmarks/shine_135m.py package),
 channel_probe.json (benchmarks/channel_probe.py runs and recipe trials),
 results/train_*.json (benchmarks/train_summary.py) and results/speed*.json (benchmarks/speed.py). Missing files are
@@ -17,7 +18,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCHES = {"squad": "SQuAD", "hotpotqa": "HotpotQA", "musique": "MuSiQue", "2wiki": "2WikiMultihopQA"}
-METHODS = {"naive": "Naive", "in-context": "In-context", "sft": "SFT", "shine": "SHINE"}
+METHODS = {"naive": "Naive", "in-context": "In-context", "sft": "SFT", "shine": "SHINE",
+           "shine-other": "SHINE, another context's LoRA"}
 STAGE_NAMES = {"pretrain": "pretraining", "ift-mqa": "IFT multi-QA", "ift-1qa": "IFT single-QA"}
 
 
@@ -44,6 +46,28 @@ def table2(results: dict[str, dict]) -> str | None:
         rows.append(["SHINE − naive (F1)"] + [gain(results[b]["results"]) for b in benches])
     header = ["method"] + [f"{BENCHES[b]} (n={results[b]['n']})" for b in benches]
     return "**Table 2 analogue**: answer F1 / EM (official SQuAD scorer; HotpotQA's yes/no rule on HotpotQA and 2Wiki).\n\n" + markdown_table(header, rows)
+
+
+def control_table(results: dict[str, dict]) -> str | None:
+    """SHINE with its own context's LoRA against another context's (evaluate.py's shine-other), same run."""
+    rows = []
+    for bench, name in BENCHES.items():
+        report = results.get(f"control_{bench}")
+        if report is None:
+            continue
+        own, other = report["results"]["shine"], report["results"]["shine-other"]
+        same = sum(a["answer"] == b["answer"] for a, b in zip(own["predictions"], other["predictions"]))
+        rows.append([f"{name} (first {report['n']})", f"{own['f1']:.1f} / {own['em']:.1f}",
+                     f"{other['f1']:.1f} / {other['em']:.1f}", f"{own['f1'] - other['f1']:+.1f}",
+                     f"{same / len(own['predictions']):.0%}"])
+    if not rows:
+        return None
+    machine = next(r for b in BENCHES if (r := results.get(f"control_{b}")))["machine"]
+    return ("**Does SHINE read the context?** The same questions answered with the LoRA of their own context and "
+            "with another record's (`evaluate.py --method shine,shine-other`, one run each on "
+            f"{machine.get('gpu') or machine.get('cpu', '?')}, float32).\n\n"
+            + markdown_table(["bench", "own context F1 / EM", "another context F1 / EM", "F1 own − other",
+                              "identical answers"], rows))
 
 
 def table1(report: dict | None) -> str | None:
@@ -177,7 +201,7 @@ def train_tables(directory: Path) -> list[str]:
 
 def render(results_dir: Path = HERE) -> str:
     shine = load(Path(results_dir) / "shine-135m")
-    parts = [table2(shine), table1(shine.get("coqa-heldout")), curves_table(shine.get("recon_curves")),
+    parts = [table2(shine), control_table(shine), table1(shine.get("coqa-heldout")), curves_table(shine.get("recon_curves")),
              training_table(shine.get("training")), *channel_tables(shine.get("channel_probe")),
              *train_tables(results_dir), *speed_tables(results_dir)]
     parts = [p for p in parts if p]

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import flops
@@ -21,8 +22,14 @@ from conftest import tiny_llama, tiny_qwen3
 QWEN3_8B = flops.PRESETS["qwen3-8b"]
 
 
+# shine's LoRA hooks add into the linears' outputs in place; FlopCounterMode has formulas for addmm and baddbmm but
+# not for their in-place forms, which do the same matmuls
+IN_PLACE = {torch.ops.aten.addmm_: flop_counter.addmm_flop.__wrapped__,
+            torch.ops.aten.baddbmm_: flop_counter.baddbmm_flop.__wrapped__}
+
+
 def measure(fn) -> int:
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=IN_PLACE) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -73,15 +73,24 @@ def test_unmerge_restores_bf16_weights_exactly(qwen, keep_on):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+GPU_INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="Inductor's fused sums: Triton on a GPU"))
+
+
+@pytest.mark.parametrize("backend", ["eager", GPU_INDUCTOR])
 @pytest.mark.parametrize("batch", [None, 3])
-def test_compiled_decoding_step_with_hooks_equals_the_reference(qwen, batch):
-    """A decoding step (one token per sequence) compiled with the hooks traced: the same logits as eager and as the
-    explicit W + (A B)^T model, each sequence with its own adapter (or one shared)."""
-    ids = torch.randint(0, 128, (3, 1))
-    lora = random_lora(qwen, batch=batch)
+def test_compiled_decoding_step_with_hooks_equals_the_reference(qwen, batch, backend):
+    """A decoding step (one token per sequence) compiled with the hooks traced, which then take the fusable sums
+    (shine.FUSED_LORA_TOKENS): the same logits as eager and as the explicit W + (A B)^T model, each sequence with
+    its own adapter (or one shared). "eager" checks what dynamo traces; "inductor" also runs the fused kernels."""
+    device = "cuda" if backend == "inductor" else "cpu"
+    qwen = qwen.to(device)
+    ids = torch.randint(0, 128, (3, 1), device=device)
+    lora = {l: {n: (A.to(device), B.to(device)) for n, (A, B) in m.items()}
+            for l, m in random_lora(qwen, batch=batch).items()}
     with lora_applied(qwen, lora):
         eager = qwen(ids).logits
-        compiled = torch.compile(qwen, backend="eager", fullgraph=True)(ids).logits
+        compiled = torch.compile(qwen, backend=backend, fullgraph=True)(ids).logits
     torch._dynamo.reset()
     assert (eager - qwen(ids).logits).abs().max() > 1e-2
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
@@ -99,6 +108,46 @@ def test_batch_of_different_loras_equals_each_alone(qwen):
         alone = {l: {n: (A[b:b + 1], B[b:b + 1]) for n, (A, B) in mods.items()} for l, mods in lora.items()}
         with lora_applied(qwen, alone):
             torch.testing.assert_close(batched[b:b + 1], qwen(ids[b:b + 1]).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_hook_gradients_equal_the_merged_weight_reference(qwen, batch):
+    """The hooks add x A B into the linear's output in place; the factors' gradients must still be those of the
+    explicit model with W + (A B)^T as its weights (one adapter per sequence, or one shared)."""
+    ids = torch.randint(0, 128, (2, 8))
+    lora = random_lora(qwen, batch=batch)
+    leaves = [t.requires_grad_() for mods in lora.values() for pair in mods.values() for t in pair]
+    with lora_applied(qwen, lora):
+        hooked = qwen(ids).logits
+    hooked.square().mean().backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    names = {id(linear): f"model.layers.{l}.{part}.{n}.weight" for l, linears in
+             enumerate(target_linears(qwen, LLAMA_LINEARS)) for n, linear in linears.items()
+             for part in ("self_attn", "mlp") if hasattr(getattr(qwen.model.layers[l], part), n)}
+    rows = [slice(b, b + 1) for b in range(2)] if batch else [slice(0, 2)]
+    for b, row in enumerate(rows):  # the explicit model, one sequence at a time when each has its own adapter
+        weights = {names[id(linear)]: linear.weight + torch.einsum("ir,ro->oi", *(t[b] if batch else t
+                                                                               for t in lora[l][n]))
+                   for l, linears in enumerate(target_linears(qwen, LLAMA_LINEARS)) for n, linear in linears.items()}
+        reference = torch.func.functional_call(qwen, weights, (ids[row],)).logits
+        (reference.square().sum() / hooked.numel()).backward()
+    assert all(g.abs().max() > 0 for g in grads)
+    for g, t in zip(grads, leaves):
+        torch.testing.assert_close(g, t.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_hooks_under_autocast_with_an_fp32_model(qwen):
+    """An fp32 model under bf16 autocast: bf16 outputs, fp32 factors. The hooks cast like autocast (no in-place
+    add across dtypes) and match the explicit reference to bf16 precision."""
+    ids = torch.randint(0, 128, (2, 8))
+    lora = random_lora(qwen, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), lora_applied(qwen, lora):
+        hooked = qwen(ids).logits.float()
+    for b in range(2):
+        reference = explicit_model(qwen, lora, example=b)(ids[b:b + 1]).logits
+        torch.testing.assert_close(hooked[b:b + 1], reference, atol=0.05, rtol=0.05)
 
 
 def test_hooks_are_removed_also_on_exceptions(qwen):
