@@ -7,7 +7,9 @@
 
 Methods: naive (question only), in-context (context in the prompt), sft (a LoRA of the generated rank trained on
 the passage, Table 3's "train on passage", or on the QA conversation for msmarco-mqa, Table 1; opt-in: it trains
-once per context), shine (a LoRA generated from the context); all = naive, in-context, shine. F1 / EM follow the
+once per context), shine (a LoRA generated from the context), shine-other (a control, not in the paper: each question
+answered with the LoRA of another record's context, so what SHINE scores beyond it is what its own context brought);
+all = naive, in-context, shine. F1 / EM follow the
 official SQuAD v1.1 script (lower-case, drop punctuation and a/an/the, squash whitespace, max over gold answers,
 MuSiQue's aliases included), plus HotpotQA's rule on hotpotqa and 2wiki (a yes/no/noanswer mismatch scores 0).
 Amortizable time (LoRA generation or SFT) and generation time are seconds per context, as Table 1.
@@ -47,7 +49,8 @@ SQUAD_N = {"squad-512": 512, "squad-1k": 1024, "squad-2k": 2048}
 BENCHES = {b: b for b in ("squad", "msmarco-v1", "msmarco-v2", "hotpotqa", "musique", "2wiki", "msmarco-mqa")} | {
     b: "squad" for b in SQUAD_N}  # bench -> dataset of data.load_qa
 YES_NO_RULE = {"hotpotqa", "2wiki"}  # benches whose official scorer is HotpotQA's
-METHODS = ("naive", "in-context", "sft", "shine")
+METHODS = ("naive", "in-context", "sft", "shine", "shine-other")
+SHINE_METHODS = {"shine", "shine-other"}  # results that depend on --shine-ckpt
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -122,6 +125,16 @@ def take(lora, rows: list[int]):
     return {l: {m: (A[index], B[index]) for m, (A, B) in mods.items()} for l, mods in lora.items()}
 
 
+def other_contexts(records: list[data.QARecord]) -> list[str]:
+    """For each record, the context of the next record (cyclically) whose context differs from its own: shine-other's
+    contexts. Raises if all records share one context."""
+    contexts = [r.context for r in records]
+    if len(set(contexts)) < 2:
+        raise ValueError("shine-other needs records with at least two different contexts")
+    n = len(contexts)
+    return [next(contexts[(i + k) % n] for k in range(1, n) if contexts[(i + k) % n] != c) for i, c in enumerate(contexts)]
+
+
 def train_sft_lora(model, tokenizer, record: data.QARecord, rank: int, targets: tuple[str, ...], epochs: int,
                    lr: float, chat: bool, system: str | None, seed: int):
     """Train one rank-r LoRA on the target linears with AdamW, through shine.py's hooks: next-token loss on the
@@ -166,12 +179,14 @@ def run_method(method: str, records, model, tokenizer, shine, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     dev, preds, amortizable, generation = model.device, [], 0.0, 0.0
+    contexts = other_contexts(records) if method == "shine-other" else [r.context for r in records]
     for start in tqdm(range(0, len(records), args.batch_size), desc=method, leave=False):
         batch, t0 = records[start:start + args.batch_size], sync(dev)
         lora = None
-        if method == "shine":
-            lora = shine.generate_lora(*data.left_pad([data.encode_context(tokenizer, r.context, args.max_context_tokens)
-                                                  for r in batch], tokenizer.pad_token_id, dev))
+        if method in SHINE_METHODS:
+            lora = shine.generate_lora(*data.left_pad([data.encode_context(tokenizer, c, args.max_context_tokens)
+                                                       for c in contexts[start:start + args.batch_size]],
+                                                      tokenizer.pad_token_id, dev))
         elif method == "sft":
             loras = [train_sft_lora(model, tokenizer, r, args.lora_rank, args.targets, args.sft_epochs, args.sft_lr,
                                     args.bench == "msmarco-mqa", args.system, args.seed + start + i)
@@ -222,8 +237,8 @@ def merged_results(earlier: dict, results: dict, args, n: int) -> dict:
     """`earlier` (a results JSON of this script) updated with this run's methods, after checking that both
     scored the same questions the same way: methods run apart (e.g. on two machines) then share one table."""
     same = ["bench", "data_file", "model", "seed", "max_new_tokens", "max_context_tokens", "system", "context_in"]
-    if "shine" in earlier["results"] and "shine" not in results:  # a new checkpoint replaces shine's results
-        same.append("shine_ckpt")
+    if SHINE_METHODS & (set(earlier["results"]) - set(results)):  # kept SHINE results: the same checkpoint, or a
+        same.append("shine_ckpt")                                   # new one replaces all of them
     differ = [k for k in same if earlier["config"].get(k) != getattr(args, k)]
     if earlier["n"] != n:
         differ.append(f"n {earlier['n']}, now {n}")
@@ -273,22 +288,23 @@ def main(argv=None) -> dict:
         if not records:
             raise ValueError(f"no examples to evaluate in {args.bench}")
         ckpt = args.shine_ckpt or default_checkpoint(args.model)
-        shine = load_any_checkpoint(model, ckpt).eval() if ckpt and "shine" in args.methods else None
+        shine = load_any_checkpoint(model, ckpt).eval() if ckpt and SHINE_METHODS & set(args.methods) else None
     except (ValueError, OSError, RuntimeError) as error:  # unknown bench, missing file, mismatched checkpoint, ...
         raise SystemExit(f"evaluate.py: {error}") from error
     if shine is not None:
         args.lora_rank = shine.config.lora_rank
     args.targets = shine.config.target_modules if shine is not None else LLAMA_LINEARS  # sft's linears
-    if "shine" in args.methods and shine is None:
+    if SHINE_METHODS & set(args.methods) and shine is None:
         print("shine needs --shine-ckpt DIR (no trained SHINE checkpoint found); running the baselines only")
-        args.methods = [m for m in args.methods if m != "shine"] or ["naive", "in-context"]
+        args.methods = [m for m in args.methods if m not in SHINE_METHODS] or ["naive", "in-context"]
     if "sft" in args.methods and args.bench == "msmarco-mqa":
         print("note: sft on msmarco-mqa trains on the QA pairs it is asked (an upper bound; see evaluate.py)")
-    results = {m: run_method(m, records, model, tokenizer, shine, args) for m in args.methods}
+    results = {m: run_method(m, records, model, tokenizer, shine, args) | {"machine": machine()}
+               for m in args.methods}  # each method's own machine: --merge may join runs from several
     print(f"\n{args.bench}: n={len(records)} (skipped {skipped}), backbone {args.model}, checkpoint {ckpt}")
-    print(f"{'method':<11}{'F1':>7}{'EM':>7}{'amortizable s':>15}{'generation s':>14}{'peak MB':>9}")
+    print(f"{'method':<12}{'F1':>7}{'EM':>7}{'amortizable s':>15}{'generation s':>14}{'peak MB':>9}")
     for m, r in results.items():
-        print(f"{m:<11}{r['f1']:7.1f}{r['em']:7.1f}{r['amortizable_s']:15.3f}{r['generation_s']:14.3f}"
+        print(f"{m:<12}{r['f1']:7.1f}{r['em']:7.1f}{r['amortizable_s']:15.3f}{r['generation_s']:14.3f}"
               f"{r['peak_memory_mb']:9.0f}" + (f"  F1 per turn {[round(f, 1) for f in r['f1_per_turn']]}"
                                                 if args.bench == "msmarco-mqa" else ""))
     out = Path(args.out or ROOT / "results" / f"eval_{args.bench}_{Path(args.model).name}.json")

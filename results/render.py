@@ -57,7 +57,8 @@ def control_table(results: dict[str, dict]) -> str | None:
             continue
         own, other = report["results"]["shine"], report["results"]["shine-other"]
         same = sum(a["answer"] == b["answer"] for a, b in zip(own["predictions"], other["predictions"]))
-        rows.append([f"{name} (first {report['n']})", f"{own['f1']:.1f} / {own['em']:.1f}",
+        which = "all" if results.get(bench, {}).get("n") == report["n"] else "first"  # of Table 2's questions
+        rows.append([f"{name} ({which} {report['n']})", f"{own['f1']:.1f} / {own['em']:.1f}",
                      f"{other['f1']:.1f} / {other['em']:.1f}", f"{own['f1'] - other['f1']:+.1f}",
                      f"{same / len(own['predictions']):.0%}"])
     if not rows:

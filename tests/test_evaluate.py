@@ -238,6 +238,32 @@ def test_merge_adds_methods_run_apart_and_refuses_other_settings(tiny_dir, tmp_p
     assert replaced["config"]["shine_ckpt"] == other[1] and replaced["results"]["naive"] == saved["naive"]
 
 
+def test_other_contexts_skip_records_that_share_a_context():
+    rec = lambda c: data.QARecord(id=c, context=c, qa=[("q", ["a"])])
+    assert ev.other_contexts([rec(c) for c in "aabc"]) == ["b", "b", "c", "a"]
+    with pytest.raises(ValueError, match="two different contexts"):
+        ev.other_contexts([rec("a"), rec("a")])
+
+
+def test_shine_other_reads_another_records_context(tiny_dir, tmp_path, monkeypatch):
+    """shine-other: the same checkpoint, each question with the LoRA of another record's context (a control)."""
+    read = []
+    real_encode = data.encode_context
+    monkeypatch.setattr(data, "encode_context", lambda t, c, *a: read.append(c) or real_encode(t, c, *a))
+    ckpt = ("--shine-ckpt", str(tiny_dir / "ckpt"))
+    report = run(tiny_dir, tmp_path, "--method", "shine,shine-other", *ckpt)
+    records = ev.load_bench("hotpotqa", None, None)[0][:3]
+    assert read == [r.context for r in records] + ev.other_contexts(records)
+    assert all(a != b for a, b in zip(read[:3], read[3:]))
+    own, other = (report["results"][m]["predictions"] for m in ("shine", "shine-other"))
+    assert [p["question"] for p in own] == [p["question"] for p in other]
+    # kept shine-other results tie the file to their checkpoint, as shine's do
+    new_ckpt = ("--shine-ckpt", str(shutil.copytree(tiny_dir / "ckpt", tmp_path / "other")))
+    with pytest.raises(SystemExit, match="shine_ckpt"):
+        run(tiny_dir, tmp_path, "--method", "shine", "--merge", *new_ckpt)
+    assert run(tiny_dir, tmp_path, "--method", "shine,shine-other", "--merge", *new_ckpt)["n"] == 3
+
+
 def test_sft_on_passage_learns_the_passage(tiny_dir):
     model, tok = data.load_backbone(str(tiny_dir / "qwen"))
     model.requires_grad_(False)

@@ -57,6 +57,11 @@ def write_results(directory):
                      "stages": [{"stage": "pretrain", "steps": 1000, "batch": 16, "lr": 0.001, "minutes": 6.54,
                                  "first_loss": 2.5, "last_loss": 0.8, "val_recon_loss": 1.1, "val_comp_loss": 1.6}]},
     }
+    control = bench(4, shine=(50.0, 25.0, 0.3, 1), **{"shine-other": (12.5, 0.0, 0.3, 1)})
+    answers = {"shine": ["a", "b", "c", "d"], "shine-other": ["a", "x", "y", "d"]}  # 2 of 4 identical
+    for method, result in control["results"].items():
+        result["predictions"] = [{"answer": x} for x in answers[method]]
+    files["control_squad"] = control
     for name, report in files.items():
         (out / f"{name}.json").write_text(json.dumps(report))
     speed = {"device": "NVIDIA H100 80GB HBM3", "shape": "qwen3-8b", "lengths": {"context": 1150}, "gen_wall_s": 3.0,
@@ -84,6 +89,8 @@ def test_tables_from_results(tmp_path):
         "| In-context | 86.8 / 70.3 | – |",
         "| SHINE | 63.6 / 50.0 | 59.0 / 45.0 |",
         "| SHINE − naive (F1) | +41.6 | +32.1 |",
+        "| bench | own context F1 / EM | another context F1 / EM | F1 own − other | identical answers |",
+        "| SQuAD (first 4) | 50.0 / 25.0 | 12.5 / 0.0 | +37.5 | 50% |",
         "| method | F1 | EM | amortizable s | generation s |",
         "| Naive | 23.2 | 10.0 | 0.000 | 11.000 |",
         "| SFT | 33.0 | 12.5 | 29.300 | 11.000 |",
@@ -104,7 +111,7 @@ def test_tables_from_results(tmp_path):
     ]
     for line in expected:
         assert line in lines, line
-    assert "seconds per conversation on NVIDIA H100 80GB HBM3, batch 64" in lines[lines.index(expected[5]) - 2]
+    assert "seconds per conversation on NVIDIA H100 80GB HBM3, batch 64" in lines[lines.index("| method | F1 | EM | amortizable s | generation s |") - 2]
     assert sum(line.startswith("| train/") for line in lines) == 2  # the failed measurement has no row
     assert "32,010 trained parameters (10 memory embeddings, 2,000 Meta-LoRA, 30,000 M2P), 0.1 MB in bf16." in render.render(tmp_path)
 
