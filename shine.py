@@ -175,15 +175,15 @@ def _add_lora(module: nn.Module, inputs: tuple, output: Tensor, A: Tensor, B: Te
             A, B = rearrange(A, "b i r -> b 1 i r"), rearrange(B, "b r o -> b 1 r o")
         xA = (rearrange(x, "b t i -> b t i 1") * A).sum(-2)  # (b, t, r)
         return output + scale * (rearrange(xA, "b t r -> b t r 1") * B).sum(-2)  # (b, t, O)
-    in_place = not compiling and output.dtype == x.dtype == B.dtype  # in-place ops skip autocast's casts
     if A.dim() == 2:  # one adapter for every sequence: a plain matmul over all tokens
-        xA, flat = x.reshape(-1, x.shape[-1]) @ A, output.reshape(-1, output.shape[-1])
-        add = torch.Tensor.addmm_ if in_place and xA.dtype == x.dtype else torch.addmm
-        return add(flat, xA, B, alpha=scale).view_as(output)
-    # bmm, not `@`: matmul's shape dispatch costs more CPU time per call than the kernel takes on a GPU
-    xA = torch.bmm(x, A)  # (b, t, r)
-    add = torch.Tensor.baddbmm_ if in_place and xA.dtype == x.dtype else torch.baddbmm
-    return add(output, xA, B, alpha=scale)  # (b, t, O) + (b, t, r) @ (b, r, O)
+        xA, out = x.reshape(-1, x.shape[-1]) @ A, output.reshape(-1, output.shape[-1])  # (b t, r), (b t, O)
+        add_in_place, add = torch.Tensor.addmm_, torch.addmm
+    else:  # bmm, not `@`: matmul's shape dispatch costs more CPU time per call than the kernel takes on a GPU
+        xA, out = torch.bmm(x, A), output  # (b, t, r), (b, t, O)
+        add_in_place, add = torch.Tensor.baddbmm_, torch.baddbmm
+    in_place = not compiling and out.dtype == xA.dtype == B.dtype  # in-place ops skip autocast's casts
+    result = (add_in_place if in_place else add)(out, xA, B, alpha=scale)  # out + xA @ B
+    return result.view_as(output) if A.dim() == 2 else result
 
 
 def _cast_together(tensors: list[Tensor], dtypes: list[torch.dtype]) -> list[Tensor]:

@@ -50,20 +50,18 @@ def table2(results: dict[str, dict]) -> str | None:
 
 def control_table(results: dict[str, dict]) -> str | None:
     """SHINE with its own context's LoRA against another context's (evaluate.py's shine-other), same run."""
+    reports = {b: results[f"control_{b}"] for b in BENCHES if f"control_{b}" in results}
     rows = []
-    for bench, name in BENCHES.items():
-        report = results.get(f"control_{bench}")
-        if report is None:
-            continue
+    for bench, report in reports.items():
         own, other = report["results"]["shine"], report["results"]["shine-other"]
         same = sum(a["answer"] == b["answer"] for a, b in zip(own["predictions"], other["predictions"]))
         which = "all" if results.get(bench, {}).get("n") == report["n"] else "first"  # of Table 2's questions
-        rows.append([f"{name} ({which} {report['n']})", f"{own['f1']:.1f} / {own['em']:.1f}",
+        rows.append([f"{BENCHES[bench]} ({which} {report['n']})", f"{own['f1']:.1f} / {own['em']:.1f}",
                      f"{other['f1']:.1f} / {other['em']:.1f}", f"{own['f1'] - other['f1']:+.1f}",
                      f"{same / len(own['predictions']):.0%}"])
     if not rows:
         return None
-    machine = next(r for b in BENCHES if (r := results.get(f"control_{b}")))["machine"]
+    machine = next(iter(reports.values()))["machine"]
     return ("**Does SHINE read the context?** The same questions answered with the LoRA of their own context and "
             "with another record's (`evaluate.py --method shine,shine-other`, one run each on "
             f"{machine.get('gpu') or machine.get('cpu', '?')}, float32).\n\n"

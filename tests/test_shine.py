@@ -123,9 +123,7 @@ def test_hook_gradients_equal_the_merged_weight_reference(qwen, batch):
     grads = [t.grad.clone() for t in leaves]
     for t in leaves:
         t.grad = None
-    names = {id(linear): f"model.layers.{l}.{part}.{n}.weight" for l, linears in
-             enumerate(target_linears(qwen, LLAMA_LINEARS)) for n, linear in linears.items()
-             for part in ("self_attn", "mlp") if hasattr(getattr(qwen.model.layers[l], part), n)}
+    names = {id(module): f"{name}.weight" for name, module in qwen.named_modules()}
     rows = [slice(b, b + 1) for b in range(2)] if batch else [slice(0, 2)]
     for b, row in enumerate(rows):  # the explicit model, one sequence at a time when each has its own adapter
         weights = {names[id(linear)]: linear.weight + torch.einsum("ir,ro->oi", *(t[b] if batch else t
