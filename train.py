@@ -89,7 +89,7 @@ PRESETS = {"smollm2": {  # SmolLM2-135M-Instruct: Meta-LoRA rank 40 keeps the ch
     # s * sqrt(r * I) sets the fresh update's size relative to the input (shine.py). s = 1e-3 * sqrt(4096 / 576) =
     # 2.7e-3 would give H = 576 the paper's relative start, but that random start is noise the hypernetwork first
     # learns to silence: with it the context barely reaches the LoRA in minutes of training; 2.7e-4 carries ~4x
-    # more (benchmarks/channel_probe.py, results/shine-135m/channel_probe.json). The shipped checkpoint used 2.7e-3.
+    # more (benchmarks/channel_probe.py, results/shine-135m/channel_probe.json), as the shipped checkpoint uses.
     "all": dict(model=data.SMOLLM2_ALIAS, meta_lora_rank=40, lora_scale=2.7e-4, max_context=1150, max_answer=1400,
                 grad_accum=1, batch_size=4, eval_every=50, save_every=100),
     "pretrain": dict(data=f"{_SHIFTS},{_B['coqa']}", lr=3e-4),

@@ -111,7 +111,9 @@ def package(run: Path, data_dir: Path, out: Path, results: Path) -> dict:
                 "stages": [stage_summary(s) for s in stages],
                 "train_configs": {s["stage"]: s["train_config"] for s in stages},
                 "logs": {s["stage"]: s["log"] for s in stages},
-                "data": json.loads(manifest.read_text()) if manifest.is_file() else None}
+                "data": json.loads(manifest.read_text()) if manifest.is_file() else None,
+                # package runs on the machine that trained, right after the last stage
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     for path in (out / "training.json", results / "training.json"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(training, indent=1))
@@ -128,7 +130,7 @@ def readme(training: dict) -> str:
                       for name, f in (training["data"] or {"files": {}})["files"].items())
     return f"""# SHINE for SmolLM2-135M-Instruct
 
-The hypernetwork of issue 7, trained with `benchmarks/shine_135m.sh` on one H100: memory embeddings, Meta-LoRA
+The hypernetwork of issue 7, trained with `benchmarks/shine_135m.sh` on one {training.get('gpu') or 'GPU'}: memory embeddings, Meta-LoRA
 (rank {c['meta_lora_rank']}) and a {c['m2p_layers']}-block M2P transformer that write a rank-{c['lora_rank']} LoRA for
 every linear of SmolLM2-135M-Instruct from a context of up to 1,150 tokens. {p['total']:,} parameters
 ({p['memory']:,} memory, {p['meta_lora']:,} Meta-LoRA, {p['m2p']:,} M2P), stored in bf16

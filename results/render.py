@@ -3,8 +3,7 @@
     python results/render.py            # rewrite README.md between <!-- results:start --> and <!-- results:end -->
     python results/render.py --check    # exit 1 if README.md is out of date with results/
 
-Reads results/shine-135m/: {squad,hotpotqa,musique,2wiki}.json, control_<bench>.json and coqa-heldout.json
-(evaluate.py reports),
+Reads results/shine-135m/: {squad,hotpotqa,musique,2wiki}.json and coqa-heldout.json (evaluate.py reports),
 recon_curves.json (benchmarks/recon_curves.py), training.json (benchmarks/shine_135m.py package),
 channel_probe.json (benchmarks/channel_probe.py runs and recipe trials),
 results/train_*.json (benchmarks/train_summary.py) and results/speed*.json (benchmarks/speed.py). Missing files are
@@ -20,6 +19,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCHES = {"squad": "SQuAD", "hotpotqa": "HotpotQA", "musique": "MuSiQue", "2wiki": "2WikiMultihopQA"}
 METHODS = {"naive": "Naive", "in-context": "In-context", "sft": "SFT", "shine": "SHINE",
            "shine-other": "SHINE, another context's LoRA"}
+CONTROL = "shine-other"  # a control, not a method: its own table (control_table), not a row of Table 2
 STAGE_NAMES = {"pretrain": "pretraining", "ift-mqa": "IFT multi-QA", "ift-1qa": "IFT single-QA"}
 
 
@@ -38,7 +38,7 @@ def table2(results: dict[str, dict]) -> str | None:
     benches = [b for b in BENCHES if b in results]
     if not benches:
         return None
-    methods = [m for m in METHODS if any(m in results[b]["results"] for b in benches)]
+    methods = [m for m in METHODS if m != CONTROL and any(m in results[b]["results"] for b in benches)]
     cell = lambda r: f"{r['f1']:.1f} / {r['em']:.1f}" if r else "–"
     rows = [[METHODS[m]] + [cell(results[b]["results"].get(m)) for b in benches] for m in methods]
     gain = lambda r: f"{r['shine']['f1'] - r['naive']['f1']:+.1f}" if {"shine", "naive"} <= r.keys() else "–"
@@ -49,38 +49,47 @@ def table2(results: dict[str, dict]) -> str | None:
 
 
 def control_table(results: dict[str, dict]) -> str | None:
-    """SHINE with its own context's LoRA against another context's (evaluate.py's shine-other), same run."""
-    reports = {b: results[f"control_{b}"] for b in BENCHES if f"control_{b}" in results}
+    """SHINE with its own context's LoRA against another context's (evaluate.py's shine-other): Table 2's files."""
+    reports = {b: results[b] for b in BENCHES if CONTROL in results.get(b, {}).get("results", {})}
     rows = []
     for bench, report in reports.items():
-        own, other = report["results"]["shine"], report["results"]["shine-other"]
+        own, other = report["results"]["shine"], report["results"][CONTROL]
         same = sum(a["answer"] == b["answer"] for a, b in zip(own["predictions"], other["predictions"]))
-        which = "all" if results.get(bench, {}).get("n") == report["n"] else "first"  # of Table 2's questions
-        rows.append([f"{BENCHES[bench]} ({which} {report['n']})", f"{own['f1']:.1f} / {own['em']:.1f}",
+        rows.append([f"{BENCHES[bench]} (n={report['n']})", f"{own['f1']:.1f} / {own['em']:.1f}",
                      f"{other['f1']:.1f} / {other['em']:.1f}", f"{own['f1'] - other['f1']:+.1f}",
                      f"{same / len(own['predictions']):.0%}"])
     if not rows:
         return None
-    machine = next(iter(reports.values()))["machine"]
+    first = next(iter(reports.values()))
+    machine = first["results"]["shine"].get("machine") or first["machine"]
+    # evaluate.py runs the backbone in bf16 on a GPU, in float32 on a CPU
+    where = f"{machine['gpu']}, bf16" if machine.get("gpu") else f"{machine.get('cpu', '?')}, float32"
     return ("**Does SHINE read the context?** The same questions answered with the LoRA of their own context and "
-            "with another record's (`evaluate.py --method shine,shine-other`, one run each on "
-            f"{machine.get('gpu') or machine.get('cpu', '?')}, float32).\n\n"
+            f"with another record's (`evaluate.py --method shine,shine-other`, one run on {where}).\n\n"
             + markdown_table(["bench", "own context F1 / EM", "another context F1 / EM", "F1 own − other",
                               "identical answers"], rows))
+
+
+def machine_name(machine: dict) -> str:
+    cores = f" ({machine['cpu_count']} cores)" if machine.get("cpu_count") else ""
+    return machine.get("gpu") or machine.get("cpu", "?") + cores
 
 
 def table1(report: dict | None) -> str | None:
     """Table 1 analogue: F1 on held-out multi-turn conversations with amortizable and generation time."""
     if report is None:
         return None
+    results = {m: report["results"][m] for m in METHODS if m in report["results"]}
+    machines = {m: machine_name(r.get("machine") or report.get("machine", {})) for m, r in results.items()}
     rows = [[METHODS[m], f"{r['f1']:.1f}", f"{r['em']:.1f}", f"{r['amortizable_s']:.3f}", f"{r['generation_s']:.3f}"]
-            for m, r in ((m, report["results"][m]) for m in METHODS if m in report["results"])]
-    machine = report.get("machine", {})
-    cores = f" ({machine['cpu_count']} cores)" if machine.get("cpu_count") else ""
-    gpu = machine.get("gpu") or machine.get("cpu", "?") + cores
+            for m, r in results.items()]
+    header, where = ["method", "F1", "EM", "amortizable s", "generation s"], next(iter(machines.values()), "?")
+    if len(set(machines.values())) > 1:  # methods merged from runs on several machines: times compare within one
+        header, where = header + ["machine"], "the machine of each row (times compare only within one machine)"
+        rows = [row + [machines[m]] for row, m in zip(rows, results)]
     return (f"**Table 1 analogue**: {report['n']} held-out CoQA conversations, every turn answered after the "
-            f"model's own earlier replies; seconds per conversation on {gpu}, batch {report['config']['batch_size']}.\n\n"
-            + markdown_table(["method", "F1", "EM", "amortizable s", "generation s"], rows))
+            f"model's own earlier replies; seconds per conversation on {where}, batch {report['config']['batch_size']}.\n\n"
+            + markdown_table(header, rows))
 
 
 def curves_table(curves: dict | None) -> str | None:

@@ -47,7 +47,8 @@ def write_results(directory):
     out = directory / "shine-135m"
     out.mkdir(parents=True)
     files = {
-        "squad": bench(1000, naive=(22.04, 10.0, 0, 1), **{"in-context": (86.8, 70.26, 0, 2)}, shine=(63.6, 50.0, 0.3, 1)),
+        "squad": bench(4, naive=(22.04, 10.0, 0, 1), **{"in-context": (86.8, 70.26, 0, 2)}, shine=(63.6, 50.0, 0.3, 1),
+                       **{"shine-other": (12.5, 0.0, 0.3, 1)}),
         "hotpotqa": bench(103, naive=(26.9, 20.0, 0, 1), shine=(59.0, 45.0, 0.3, 1)),
         "coqa-heldout": bench(50, naive=(23.2, 10.0, 0.0, 11.0), sft=(33.0, 12.5, 29.3, 11.0), shine=(55.6, 40.0, 0.3, 11.0)),
         "recon_curves": {"config": {"buckets": [64, 128, 256]}, "summary": {"final": {
@@ -57,11 +58,9 @@ def write_results(directory):
                      "stages": [{"stage": "pretrain", "steps": 1000, "batch": 16, "lr": 0.001, "minutes": 6.54,
                                  "first_loss": 2.5, "last_loss": 0.8, "val_recon_loss": 1.1, "val_comp_loss": 1.6}]},
     }
-    control = bench(4, shine=(50.0, 25.0, 0.3, 1), **{"shine-other": (12.5, 0.0, 0.3, 1)})
     answers = {"shine": ["a", "b", "c", "d"], "shine-other": ["a", "x", "y", "d"]}  # 2 of 4 identical
-    for method, result in control["results"].items():
-        result["predictions"] = [{"answer": x} for x in answers[method]]
-    files["control_squad"] = control
+    for method, answered in answers.items():
+        files["squad"]["results"][method]["predictions"] = [{"answer": x} for x in answered]
     for name, report in files.items():
         (out / f"{name}.json").write_text(json.dumps(report))
     speed = {"device": "NVIDIA H100 80GB HBM3", "shape": "qwen3-8b", "lengths": {"context": 1150}, "gen_wall_s": 3.0,
@@ -84,13 +83,13 @@ def test_tables_from_results(tmp_path):
     write_results(tmp_path)
     lines = render.render(tmp_path).splitlines()
     expected = [
-        "| method | SQuAD (n=1000) | HotpotQA (n=103) |",
+        "| method | SQuAD (n=4) | HotpotQA (n=103) |",
         "| Naive | 22.0 / 10.0 | 26.9 / 20.0 |",
         "| In-context | 86.8 / 70.3 | – |",
         "| SHINE | 63.6 / 50.0 | 59.0 / 45.0 |",
         "| SHINE − naive (F1) | +41.6 | +32.1 |",
         "| bench | own context F1 / EM | another context F1 / EM | F1 own − other | identical answers |",
-        "| SQuAD (first 4) | 50.0 / 25.0 | 12.5 / 0.0 | +37.5 | 50% |",
+        "| SQuAD (n=4) | 63.6 / 50.0 | 12.5 / 0.0 | +51.1 | 50% |",
         "| method | F1 | EM | amortizable s | generation s |",
         "| Naive | 23.2 | 10.0 | 0.000 | 11.000 |",
         "| SFT | 33.0 | 12.5 | 29.300 | 11.000 |",
@@ -113,6 +112,8 @@ def test_tables_from_results(tmp_path):
         assert line in lines, line
     assert "seconds per conversation on NVIDIA H100 80GB HBM3, batch 64" in lines[lines.index("| method | F1 | EM | amortizable s | generation s |") - 2]
     assert sum(line.startswith("| train/") for line in lines) == 2  # the failed measurement has no row
+    assert not any(line.startswith("| SHINE, another") for line in lines)  # the control has its own table, not a row
+    assert "one run on NVIDIA H100 80GB HBM3, bf16)." in lines[lines.index(expected[5]) - 2]
     assert "32,010 trained parameters (10 memory embeddings, 2,000 Meta-LoRA, 30,000 M2P), 0.1 MB in bf16." in render.render(tmp_path)
 
 
@@ -130,6 +131,15 @@ def test_readme_is_rewritten_between_markers_only(tmp_path):
     readme.write_text("no markers here\n")
     assert render.update_readme(readme, "x") is None and render.main(argv) == 0
     assert readme.read_text() == "no markers here\n"  # left alone; the tables are printed instead
+
+
+def test_table1_names_each_rows_machine_when_methods_ran_on_several():
+    report = bench(50, naive=(23.2, 10.0, 0.0, 11.0), shine=(55.6, 40.0, 0.3, 2.5))
+    report["results"]["shine"]["machine"] = {"cpu": "Intel Xeon", "cpu_count": 2, "gpu": None}
+    lines = render.table1(report).splitlines()
+    assert "seconds per conversation on the machine of each row" in lines[0]
+    assert "| Naive | 23.2 | 10.0 | 0.000 | 11.000 | NVIDIA H100 80GB HBM3 |" in lines  # the report's machine
+    assert "| SHINE | 55.6 | 40.0 | 0.300 | 2.500 | Intel Xeon (2 cores) |" in lines
 
 
 def test_no_results_renders_a_notice(tmp_path):
