@@ -130,8 +130,8 @@ def readme(training: dict) -> str:
                       for name, f in (training["data"] or {"files": {}})["files"].items())
     return f"""# SHINE for SmolLM2-135M-Instruct
 
-The hypernetwork of issue 7, trained with `benchmarks/shine_135m.sh` on one {training.get('gpu') or 'GPU'}: memory embeddings, Meta-LoRA
-(rank {c['meta_lora_rank']}) and a {c['m2p_layers']}-block M2P transformer that write a rank-{c['lora_rank']} LoRA for
+The hypernetwork of issue 7, trained with `benchmarks/shine_135m.sh` on one {training.get('gpu') or 'GPU'}: memory
+embeddings, Meta-LoRA (rank {c['meta_lora_rank']}) and a {c['m2p_layers']}-block M2P transformer that write a rank-{c['lora_rank']} LoRA for
 every linear of SmolLM2-135M-Instruct from a context of up to 1,150 tokens. {p['total']:,} parameters
 ({p['memory']:,} memory, {p['meta_lora']:,} Meta-LoRA, {p['m2p']:,} M2P), stored in bf16
 ({training['bytes'] / 1e6:.1f} MB). `python evaluate.py --bench hotpotqa` loads it by default.
