@@ -132,7 +132,8 @@ def other_contexts(records: list[data.QARecord]) -> list[str]:
     if len(set(contexts)) < 2:
         raise ValueError("shine-other needs records with at least two different contexts")
     n = len(contexts)
-    return [next(contexts[(i + k) % n] for k in range(1, n) if contexts[(i + k) % n] != c) for i, c in enumerate(contexts)]
+    return [next(contexts[(i + k) % n] for k in range(1, n) if contexts[(i + k) % n] != c)
+            for i, c in enumerate(contexts)]
 
 
 def train_sft_lora(model, tokenizer, record: data.QARecord, rank: int, targets: tuple[str, ...], epochs: int,

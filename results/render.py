@@ -60,14 +60,18 @@ def control_table(results: dict[str, dict]) -> str | None:
                      f"{same / len(own['predictions']):.0%}"])
     if not rows:
         return None
-    first = next(iter(reports.values()))
-    machine = first["results"]["shine"].get("machine") or first["machine"]
+    machine = machine_of(next(iter(reports.values())), "shine")
     # evaluate.py runs the backbone in bf16 on a GPU, in float32 on a CPU
-    where = f"{machine['gpu']}, bf16" if machine.get("gpu") else f"{machine.get('cpu', '?')}, float32"
+    where = f"{machine_name(machine)}, {'bf16' if machine.get('gpu') else 'float32'}"
     return ("**Does SHINE read the context?** The same questions answered with the LoRA of their own context and "
             f"with another record's (`evaluate.py --method shine,shine-other`, one run on {where}).\n\n"
             + markdown_table(["bench", "own context F1 / EM", "another context F1 / EM", "F1 own − other",
                               "identical answers"], rows))
+
+
+def machine_of(report: dict, method: str) -> dict:
+    """The machine a method ran on: its own record, else the report's (files written before methods kept one)."""
+    return report["results"][method].get("machine") or report.get("machine", {})
 
 
 def machine_name(machine: dict) -> str:
@@ -80,7 +84,7 @@ def table1(report: dict | None) -> str | None:
     if report is None:
         return None
     results = {m: report["results"][m] for m in METHODS if m in report["results"]}
-    machines = {m: machine_name(r.get("machine") or report.get("machine", {})) for m, r in results.items()}
+    machines = {m: machine_name(machine_of(report, m)) for m in results}
     rows = [[METHODS[m], f"{r['f1']:.1f}", f"{r['em']:.1f}", f"{r['amortizable_s']:.3f}", f"{r['generation_s']:.3f}"]
             for m, r in results.items()]
     header, where = ["method", "F1", "EM", "amortizable s", "generation s"], next(iter(machines.values()), "?")
