@@ -26,10 +26,13 @@ Notable choices:
   (a no-op at first), zeros for the embeddings.
 - The hooks add x A B into each linear's output in place (eager: no copy of the output per linear); in a compiled
   decoding step they compute it as broadcast products and sums, which Inductor fuses with neighbouring kernels.
-- Hooks are removed when their `with` block ends, but activation checkpointing recomputes layers during backward,
-  outside that block. `Shine.enable_activation_checkpointing` therefore re-attaches, during recomputation, the
-  hooks that were active in the forward pass; Hugging Face's own gradient checkpointing would drop them silently,
-  so Shine refuses it.
+- `lora_applied` lists the adapters in each linear's `shine_loras` and attaches one hook that adds them, removed
+  when the block ends unless kept for torch.compile (`keep_lora_hooks`, `Shine.compile_layers`): a compiled graph
+  guards on that attribute, so one graph serves every adapter of a shape and none runs stale without its adapter.
+- Activation checkpointing recomputes layers during backward, outside the `with` block.
+  `Shine.enable_activation_checkpointing` therefore restores, during recomputation, the hooks and adapters that
+  were active in the forward pass; Hugging Face's own gradient checkpointing would drop them silently, so Shine
+  refuses it.
 """
 from __future__ import annotations
 
@@ -201,23 +204,67 @@ def _cast_together(tensors: list[Tensor], dtypes: list[torch.dtype]) -> list[Ten
     return out
 
 
+def _apply_loras(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """The one forward hook of a target linear: adds each adapter listed in its `shine_loras` attribute."""
+    for A, B, scale in module.shine_loras:  # () when idle: a compiled graph guards on its length and shapes
+        output = _add_lora(module, inputs, output, A, B, scale)
+    return output
+
+
+def _has_lora_hook(linear: nn.Module) -> bool:
+    return any(hook is _apply_loras for hook in linear._forward_hooks.values())
+
+
+def keep_lora_hooks(model: nn.Module, target_modules: tuple[str, ...] = LLAMA_LINEARS) -> None:
+    """Attach the LoRA hook to every target linear for good, for torch.compile (see `compile_layers`).
+
+    `lora_applied` then only sets each linear's `shine_loras` and never adds or removes a hook. A compiled graph
+    reads that attribute, so dynamo guards on it: adapters of the same shape reuse one graph, and a graph traced
+    without an adapter is not replayed with one. Hooks added and removed per block would not be guarded by
+    default (torch._dynamo.config.skip_nnmodule_hook_guards): a graph compiled without them would silently run
+    on. The idle hook costs eager calls ~3 us per linear (a 2-core CPU); `drop_lora_hooks` detaches it.
+    """
+    for linears in target_linears(model, target_modules):
+        for linear in linears.values():
+            if not _has_lora_hook(linear):
+                linear.shine_loras = ()
+                linear.register_forward_hook(_apply_loras)
+
+
+def drop_lora_hooks(model: nn.Module) -> None:
+    """Undo `keep_lora_hooks` (outside any `lora_applied` block)."""
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_hooks.items() if hook is _apply_loras]:
+            del module._forward_hooks[key]
+        module.__dict__.pop("shine_loras", None)
+
+
 @contextmanager
 def lora_applied(model: nn.Module, lora: LoRA, scale: float = 1.0):
-    """Within the block, every target linear computes y = x W^T + scale * x A B. Hooks are removed on exit."""
-    handles = []
+    """Within the block, every target linear computes y = x W^T + scale * x A B. Blocks nest (their LoRAs add up);
+    on exit the model is as before: the hooks this block attached are removed, kept ones (`keep_lora_hooks`) stay."""
+    linears, factors, dtypes = [], [], []
+    for _, _, linear, A, B in _lora_pairs(model, lora):
+        linears.append(linear)
+        factors += [A, B]
+        dtypes += [linear.weight.dtype] * 2
+    factors = _cast_together(factors, dtypes)  # once here, not once per decoded token, and all together
+    before, handles = [], []
     try:
-        linears, factors, dtypes = [], [], []
-        for _, _, linear, A, B in _lora_pairs(model, lora):
-            linears.append(linear)
-            factors += [A, B]
-            dtypes += [linear.weight.dtype] * 2
-        factors = _cast_together(factors, dtypes)  # once here, not once per decoded token, and all together
         for linear, A, B in zip(linears, factors[::2], factors[1::2]):
-            handles.append(linear.register_forward_hook(partial(_add_lora, A=A, B=B, scale=scale)))
+            before.append((linear, linear.__dict__.get("shine_loras")))
+            linear.shine_loras = (before[-1][1] or ()) + ((A, B, scale),)
+            if not _has_lora_hook(linear):
+                handles.append(linear.register_forward_hook(_apply_loras))
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        for linear, loras in before:
+            if loras is None:
+                del linear.shine_loras
+            else:
+                linear.shine_loras = loras
 
 
 @torch.no_grad()
@@ -331,19 +378,26 @@ def _layer_output(output) -> Tensor:
 
 
 def _same_hooks_on_recompute(layer: nn.Module):
-    """checkpoint's context_fn: recompute `layer` with the forward hooks (LoRAs) its linears had in forward."""
-    saved = [(m, OrderedDict(m._forward_hooks)) for m in layer.modules() if m is not layer]
+    """checkpoint's context_fn: recompute `layer` with the forward hooks and LoRAs its linears had in forward."""
+    modules = [m for m in layer.modules() if m is not layer]
+    state = lambda m: (m._forward_hooks, m.__dict__.get("shine_loras"))
+    saved = [(OrderedDict(hooks), loras) for hooks, loras in map(state, modules)]
+
+    def put(states: list) -> None:
+        for m, (hooks, loras) in zip(modules, states):
+            m._forward_hooks = hooks
+            m.__dict__.pop("shine_loras", None)
+            if loras is not None:
+                m.shine_loras = loras
 
     @contextmanager
     def recompute():
-        current = [(m, m._forward_hooks) for m, _ in saved]
-        for m, hooks in saved:
-            m._forward_hooks = hooks
+        current = list(map(state, modules))
+        put(saved)
         try:
             yield
         finally:
-            for m, hooks in current:
-                m._forward_hooks = hooks
+            put(current)
 
     return nullcontext(), recompute()
 
@@ -471,10 +525,26 @@ class Shine(nn.Module):
             self.m2p = M2PTransformer(L, M, H, config.m2p_layers, config.m2p_heads or _default_heads(H),
                                       config.m2p_mlp_ratio, config.m2p_norm_eps, config.m2p_first)
 
+    def compile_layers(self, **compile_kwargs) -> None:
+        """torch.compile the forward of every decoder layer and every M2P block (regional compilation).
+
+        Eager, the backbone's small elementwise kernels (RMSNorm, RoPE, SiLU, residuals, the LoRA adds) make a
+        step bound by kernel launches; compiled, they fuse. The layers of each kind share one graph (the same
+        code, their weights and LoRAs are graph inputs), so compiling costs one layer, not L. The LoRA hooks
+        stay attached from now on (`keep_lora_hooks`). Call before `enable_activation_checkpointing`, which then
+        recomputes the compiled layers; module hooks (memory reading, FSDP) run outside the compiled forwards.
+        """
+        if getattr(self, "_checkpointing", False):
+            raise RuntimeError("compile_layers must come before enable_activation_checkpointing")
+        keep_lora_hooks(self.llm, self.config.target_modules)
+        for layer in [*decoder_layers(self.llm), *self.m2p.blocks]:
+            layer.forward = torch.compile(layer.forward, **compile_kwargs)
+
     def enable_activation_checkpointing(self) -> None:
         """Recompute each decoder layer in backward instead of storing its activations, hooks included."""
         from torch.utils.checkpoint import checkpoint
 
+        self._checkpointing = True
         for layer in decoder_layers(self.llm):
             forward = layer.forward
             layer.forward = lambda *args, _f=forward, _l=layer, **kw: checkpoint(

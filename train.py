@@ -6,6 +6,7 @@
     torchrun --nproc_per_node=8 train.py --stage pretrain --fsdp --fsdp-llm   # and the frozen LLM too
     python train.py --stage ift-mqa --init-from runs/pretrain          # each stage starts from the previous one
     python train.py --stage ift-1qa --init-from runs/ift-mqa
+    python train.py --stage pretrain --compile inductor                # layers compiled: fused kernels (GPU)
     python train.py --stage pretrain --preset smollm2 --max-steps 20   # offline smoke run on bundled data
 
 Defaults are the paper's (sections 5.1-5.2, Qwen3-8B, AdamW with weight decay 0.01, linear schedule with warmup,
@@ -71,6 +72,7 @@ class TrainConfig:
     fsdp: bool = False  # shard the hypernetwork (weights, gradients, AdamW moments); the frozen LLM is replicated
     fsdp_llm: bool = False  # with --fsdp: shard the frozen LLM's decoder layers too, for backbones one GPU can't hold
     activation_checkpointing: bool = False
+    compile: str = ""  # a torch.compile backend ("inductor"): Shine.compile_layers fuses the layers' small kernels
     cudnn_attention: bool = False  # let SDPA pick cuDNN: slower here, it plans per new length (data.py)
     seed: int = 42
     attn: str = ""  # the backbone's attention implementation ("eager", "sdpa", ...); "" = transformers' default
@@ -372,6 +374,8 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int):
     init = latest_checkpoint(cfg.init_from) or cfg.init_from if cfg.init_from else None
     shine = Shine.from_pretrained(llm, init) if init else Shine(llm, shine_config)
     shine.to(device)
+    if cfg.compile:
+        shine.compile_layers(backend=cfg.compile)
     if cfg.activation_checkpointing:
         shine.enable_activation_checkpointing()
     model = shine

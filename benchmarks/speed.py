@@ -13,9 +13,10 @@ Issue 6; benchmarks/README.md defines every number. Medians of repeated runs aft
 - train: one step of the pretraining shape as train.py runs it (cuDNN attention off), without and with activation
   checkpointing; MFU counts 3 x flops.py's forward FLOPs (backward = 2x forward) against --peak-tflops.
 - compile: decode with a static KV cache, its decoding step compiled by HF (CUDA graphs), batch 1 and 16: hooks,
-  base, and at batch 1 the adapter merged into the base's weights (the same compiled step, replayed). Hook guards
-  are turned on: dynamo skips them by default, and a step compiled without the hooks would then silently be reused
-  inside lora_applied, decoding without the adapter.
+  base, and at batch 1 the adapter merged into the base's weights (the same compiled step, replayed). The LoRA
+  hooks are kept attached (shine.keep_lora_hooks): dynamo skips hook guards by default, so a step compiled without
+  them would silently be reused inside lora_applied, and kept hooks also spare a recompile per adapter.
+- --compile-layers: gen and train with Shine.compile_layers (train.py's --compile).
 """
 import argparse
 import gc
@@ -38,8 +39,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shine.py, train.py, flops.py live at the root
 import flops  # noqa: E402
 import train  # noqa: E402
-from shine import (LLAMA_LINEARS, Shine, decoder_layers, lora_applied, lora_merged, merge_lora,  # noqa: E402
-                   target_linears, unmerge_lora)
+from shine import (LLAMA_LINEARS, Shine, decoder_layers, drop_lora_hooks, keep_lora_hooks, lora_applied,  # noqa: E402
+                   lora_merged, merge_lora, target_linears, unmerge_lora)
 
 CUDA = torch.cuda.is_available()
 PARTS = ("gen", "decode", "train", "compile")  # in this order: compile is the slowest and the riskiest
@@ -52,7 +53,7 @@ SHAPES = {  # backbone config (Qwen3-8B's public one, in shapes/), the issue's l
                  context=40, train_context=31, answer=40, prompt=12, new_tokens=16,
                  runs=dict(gen=(1, 2), decode=(1, 2), train=(1, 2), compile=(1, 2))),
 }
-GEN_BATCH, DECODE_BATCHES = 8, (1, 16)
+GEN_BATCH, DECODE_BATCHES, VARIED_STEPS = 8, (1, 16), 4
 T0 = time.perf_counter()
 
 
@@ -226,10 +227,9 @@ def merge_time(llm, lora: dict, keep_on) -> float:
 
 
 def compiled_generate_kwargs(backend: str, fullgraph: bool) -> dict:
-    """generate() keywords for a static KV cache whose decoding step HF compiles, hooks included."""
+    """generate() keywords for a static KV cache whose decoding step HF compiles (keep the LoRA hooks first)."""
     from transformers import CompileConfig
 
-    torch._dynamo.config.skip_nnmodule_hook_guards = False  # see the module docstring
     mode = "reduce-overhead" if backend == "inductor" else None  # torch.compile takes a mode only for inductor
     config = CompileConfig(fullgraph=fullgraph, backend=backend, mode=mode)
     config._compile_all_devices = True  # HF compiles on GPUs only unless told so; the CPU smoke run checks tracing
@@ -239,6 +239,7 @@ def compiled_generate_kwargs(backend: str, fullgraph: bool) -> dict:
 @torch.no_grad()
 def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
     llm, runs, errors = shine.llm, w["runs"]["compile"], []
+    keep_lora_hooks(llm)  # before the first compile: see the module docstring
     loras = {b: generated_lora(shine, b, w) for b in DECODE_BATCHES}
     prompts = {b: random_ids(b, w["prompt"], s.vocab, llm.device) for b in DECODE_BATCHES}
     for lora in loras.values():
@@ -269,26 +270,34 @@ def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
             traceback.print_exc()
             errors.append(f"fullgraph={fullgraph}: {type(error).__name__}: {error}"[:2000])
             torch._dynamo.reset()
+    drop_lora_hooks(llm)
     return out | ({"errors": errors} if errors else {})
 
 
 def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int = 1, rank: int = 0) -> dict:
     cfg, device, C, T = train.TrainConfig(), shine.memory.device, w["train_context"], w["answer"]
     optimizer = train.make_optimizer(shine, cfg)
-    context, answer = random_ids(1, C, s.vocab, device), random_ids(1, T, s.vocab, device)
-    batch = {"context_ids": context, "context_mask": torch.ones_like(context), "input_ids": answer,
-             "attention_mask": torch.ones_like(answer), "labels": answer.clone()}
+
+    def make_batch(c: int, t: int) -> dict:
+        context, answer = random_ids(1, c, s.vocab, device), random_ids(1, t, s.vocab, device)
+        return {"context_ids": context, "context_mask": torch.ones_like(context), "input_ids": answer,
+                "attention_mask": torch.ones_like(answer), "labels": answer.clone()}
+
+    batch = make_batch(C, T)
+    # train.py's steps vary in length: a compiled step then runs graphs with dynamic shapes (after one recompile)
+    varied = [make_batch(C - k * C // 8, T - k * T // 8) for k in range(VARIED_STEPS)]
     precision = autocast if CUDA and not args.fsdp else nullcontext  # as train.main: FSDP casts by itself
     trained = [p for p in shine.parameters() if p.requires_grad]
 
-    def step():
-        train.loss_of_step(model, [batch], world, precision)
+    def step(b: dict = batch):
+        train.loss_of_step(model, [b], world, precision)
         torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     step_flops = train.step_flops(s, [batch], cfg)  # what train.py logs: 3 x forward, LM head on T - 1 positions
     out, cudnn = {}, torch.backends.cuda.cudnn_sdp_enabled()
+    forwards = {layer: layer.__dict__.get("forward") for layer in decoder_layers(shine.llm)}  # compiled, or none
     if not args.cudnn_attention:
         train.data.avoid_cudnn_attention()  # as train.py trains (the other parts keep torch's choice)
     try:
@@ -306,6 +315,13 @@ def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int =
                 r["mfu"] = r["tflops"] / args.peak_tflops
                 if world > 1:
                     r["all_gpus_tok_s"] = world * r["tok_s"]
+                if name == "no_ckpt" and world == 1:  # the same, over steps of several lengths (ms: per step)
+                    log("train varied lengths")
+                    v = out["varied_lengths"] = measure(lambda: [step(b) for b in varied], *w["runs"]["train"])
+                    tokens = sum(b["context_ids"].numel() + b["input_ids"].numel() for b in varied)
+                    v |= {"ms": v["ms"] / len(varied), "tok_s": 1e3 * tokens / v["ms"],
+                          "tflops": train.step_flops(s, varied, cfg) / v["ms"] / 1e9}
+                    v["mfu"] = v["tflops"] / args.peak_tflops
                 if args.profile == "train":
                     profile(step, args.out.parent / f"profile_train_{name}.txt", write=rank == 0)
             except torch.OutOfMemoryError as error:
@@ -313,8 +329,10 @@ def bench_train(shine: Shine, model, s: flops.Shape, w: dict, args, world: int =
                 out[name] = {"error": f"OutOfMemoryError: {str(error)[:300]}"}
                 torch.cuda.empty_cache()
     finally:  # undo enable_activation_checkpointing (decoding runs without it) and the attention backend choice
-        for layer in decoder_layers(shine.llm):
+        for layer, forward in forwards.items():
             layer.__dict__.pop("forward", None)
+            if forward is not None:
+                layer.forward = forward
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
     return out
 
@@ -344,6 +362,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", choices=PARTS[:3], help="also write a torch.profiler table of this part next to --out")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     p.add_argument("--compile-backend", default="inductor", help="inductor (CUDA graphs) or eager (smoke tests)")
+    p.add_argument("--compile-layers", action="store_true", help="gen and train with Shine.compile_layers "
+                   "(--compile-backend; train.py's --compile)")
     p.add_argument("--fsdp", action="store_true", help="train only, sharded like train.py --fsdp (under torchrun)")
     p.add_argument("--fsdp-llm", action="store_true", help="with --fsdp: shard the frozen LLM too (train.py's flag)")
     p.add_argument("--cudnn-attention", action="store_true", help="train with cuDNN attention (train.py's flag)")
@@ -356,6 +376,8 @@ def parse_args(argv=None):
     if unknown := set(args.only.split(",")) - set(PARTS):
         p.error(f"--only: unknown parts {sorted(unknown)}; choose from {PARTS}")
     args.only = ["train"] if args.fsdp else [part for part in PARTS if part in args.only.split(",")]
+    if args.compile_layers and not set(args.only) <= {"gen", "train"}:
+        p.error("--compile-layers times gen and train: add --only gen,train")
     return args
 
 
@@ -368,6 +390,7 @@ def main(argv=None) -> dict:
     results = {"device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.machine()})", "gpus": world,
                "torch": torch.__version__, "transformers": transformers.__version__,
                "shape": args.shape, "peak_tflops": args.peak_tflops,
+               **({"compiled_layers": args.compile_backend} if args.compile_layers else {}),
                **({"sharded": "hypernetwork and LLM" if args.fsdp_llm else "hypernetwork"} if args.fsdp else {}),
                **({"train_attention": "cudnn allowed" if args.cudnn_attention else "no cudnn"} if "train" in args.only
                   else {}),
@@ -380,6 +403,8 @@ def main(argv=None) -> dict:
             shine, model, _ = train.build_model(train.TrainConfig(fsdp=True, fsdp_llm=args.fsdp_llm), device, world)
     else:
         shine = model = Shine(build_llm(args.shape, torch.bfloat16, device))
+    if args.compile_layers:  # compiled lazily, at each part's first (warm-up) call
+        shine.compile_layers(backend=args.compile_backend)
     s = flops.Shape.from_config(shine.llm.config)
     log(f"built: {shine.parameter_report()}")
     for part in args.only:

@@ -74,7 +74,7 @@ def test_unmerge_restores_bf16_weights_exactly(qwen, keep_on):
 
 
 GPU_INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="Inductor's fused sums: Triton on a GPU"))
+                                                                 reason="Inductor's Triton kernels need a GPU"))
 
 
 @pytest.mark.parametrize("backend", ["eager", GPU_INDUCTOR])
@@ -454,3 +454,60 @@ def test_activation_checkpointing_keeps_the_lora_hooks(qwen):
     torch.testing.assert_close(loss_ckpt, loss)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", GPU_INDUCTOR])
+def test_compiled_layers_equal_eager_and_reuse_one_graph_for_every_adapter(backend):
+    """Shine.compile_layers: the same loss and hypernetwork gradients as eager (activation checkpointing too);
+    a new context, hence new LoRAs of the same shape, compiles nothing new; the bare model stays the bare model."""
+    import copy
+    from contextlib import nullcontext
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    device = "cuda" if backend == "inductor" else "cpu"
+    eager = Shine(tiny_qwen3().to(device), SMALL)
+    with torch.no_grad():
+        for p in eager.hypernetwork_state_dict().values():
+            p.normal_(0, 0.1)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_layers(backend=backend)
+
+    def loss_and_grads(shine, seed):
+        g = torch.Generator().manual_seed(seed)
+        ctx, ids = (torch.randint(0, 128, (2, n), generator=g).to(device) for n in (10, 7))
+        shine.zero_grad()
+        loss = shine(ctx, torch.ones_like(ctx), ids, torch.ones_like(ids), ids.clone())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in shine.hypernetwork_state_dict().items()}
+
+    def assert_same(seed):
+        (loss, grads), (loss_c, grads_c) = loss_and_grads(eager, seed), loss_and_grads(compiled, seed)
+        torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(grads_c[name], grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+    assert_same(0)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    assert_same(1)
+    assert counters["stats"]["unique_graphs"] == graphs  # another context's LoRAs: the same graphs
+    for shine in (eager, compiled):
+        shine.enable_activation_checkpointing()
+    assert_same(2)
+
+    @torch.no_grad()
+    def logits(shine, lora):
+        with lora_applied(shine.llm, lora) if lora else nullcontext():
+            return shine.llm(ids).logits
+
+    ctx, ids = (torch.randint(0, 128, (2, n), device=device) for n in (10, 7))
+    with torch.no_grad():
+        lora = eager.generate_lora(ctx)
+    assert (logits(eager, lora) - logits(eager, None)).abs().max() > 1e-3
+    for lora_or_none in (lora, None, lora):  # LoRA hooks added per block, not kept, would be skipped the 2nd time
+        torch.testing.assert_close(logits(compiled, lora_or_none), logits(eager, lora_or_none))
+    with pytest.raises(RuntimeError, match="before enable_activation_checkpointing"):
+        compiled.compile_layers(backend=backend)
+    torch._dynamo.reset()

@@ -20,7 +20,7 @@ TINY = flops.Shape.from_config(speed.build_llm("tiny", torch.bfloat16, torch.dev
 FIELDS = {  # every measurement the lead's table and the README need
     "gen": ({"fp32_autocast_b1", "bf16_b1", "bf16_b8", "linears_only_b8"},
             {"ms", "peak_gib", "ms_per_context", "contexts_s", "tflops"}),
-    "train": ({"no_ckpt", "ckpt"}, {"ms", "peak_gib", "tok_s", "tflops", "mfu", "predicted_gib"}),
+    "train": ({"no_ckpt", "varied_lengths", "ckpt"}, {"ms", "peak_gib", "tok_s", "tflops", "mfu"}),
 }
 DECODE = {"ms", "peak_gib", "tok_s", "prefill_ms", "ms_per_step", "decode_tok_s", "predicted_gib"}
 
@@ -77,6 +77,8 @@ def test_tiny_run_reports_every_part_with_finite_positive_numbers(tmp_path):
     forward = flops.shine_flops(TINY, 31)["total"] + flops.llm_flops(TINY, 40, logits=39, lora_rank=8)["total"]
     assert step["tflops"] * step["ms"] * 1e9 == pytest.approx(3 * forward)
     assert step["mfu"] == pytest.approx(step["tflops"] / 989)
+    varied = r["train"]["varied_lengths"]  # 4 steps, contexts and answers 1/8 shorter each time; ms per step
+    assert varied["tok_s"] * 4 * varied["ms"] / 1e3 == pytest.approx((31 + 28 + 24 + 20) + (40 + 35 + 30 + 25))
     hyper = flops.hypernetwork_params(TINY)["total"]
     kv = 2 * 2 * (12 + 16) * 2 * 16  # layers x (K, V) x (prompt + new tokens) x kv heads x head dim
     assert r["decode"]["b16"]["base"]["predicted_gib"] * flops.GiB == pytest.approx(
@@ -109,36 +111,46 @@ def test_fsdp_needs_torchrun_and_parts_are_checked():
     with pytest.raises(SystemExit):
         speed.parse_args(["--fsdp"])
     with pytest.raises(SystemExit):
+        speed.parse_args(["--compile-layers"])  # gen and train only
+    assert speed.parse_args(["--compile-layers", "--only", "train"]).compile_layers
+    with pytest.raises(SystemExit):
         speed.parse_args(["--only", "gen,decoding"])
     assert speed.parse_args(["--only", "train,gen"]).only == ["gen", "train"]  # always in PARTS order
 
 
-def test_compiled_decoding_uses_hooks_added_after_an_earlier_compile():
+def test_compiled_decoding_with_kept_hooks_uses_each_adapter_without_recompiling():
     """Dynamo skips hook guards by default, so a decoding step compiled without the LoRA hooks would be reused
-    once they are added, decoding without the adapter. speed.py's compile set-up must recompile instead."""
-    # dynamo's default, restored after (config.patch: monkeypatch's undo would delete the option)
-    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
-        torch._dynamo.reset()
-        model = tiny_qwen3()
-        model.generation_config.pad_token_id = 0
-        ids = torch.randint(0, 128, (1, 9))
-        lora = {l: {n: (torch.randn(1, i, 4), torch.randn(1, 4, o)) for n, (i, o) in shine.lora_shapes(model).items()}
-                for l in range(2)}
-        greedy = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8)
-        compiled = speed.compiled_generate_kwargs("eager", fullgraph=True)
-        with torch.no_grad():
-            base = model.generate(ids, **greedy)
-            assert torch.equal(model.generate(ids, **greedy, **compiled), base)  # compiles the base model's step
+    once they are added, decoding without the adapter. Kept hooks (speed.py's compile set-up) are always there:
+    the step reads each adapter, and a second adapter of the same shape compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_qwen3()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(0, 128, (1, 9))
+    loras = [{l: {n: (torch.randn(1, i, 4), torch.randn(1, 4, o)) for n, (i, o) in shine.lora_shapes(model).items()}
+              for l in range(2)} for _ in range(2)]
+    greedy = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    compiled = speed.compiled_generate_kwargs("eager", fullgraph=True)
+    shine.keep_lora_hooks(model)
+    with torch.no_grad():
+        base = model.generate(ids, **greedy)
+        assert torch.equal(model.generate(ids, **greedy, **compiled), base)  # compiles the base model's step
+        for k, lora in enumerate(loras):
             with shine.lora_applied(model, lora):
                 adapted = model.generate(ids, **greedy)
                 assert torch.equal(model.generate(ids, **greedy, **compiled), adapted)
             assert not torch.equal(adapted, base)
-            assert torch.equal(model.generate(ids, **greedy, **compiled), base)  # and the hooks are gone again
-            with shine.lora_merged(model, lora):  # merged in place: the base's compiled step sees the new weights
-                assert torch.equal(model.generate(ids, **greedy, **compiled), model.generate(ids, **greedy))
-                assert not torch.equal(model.generate(ids, **greedy, **compiled), base)
-            assert torch.equal(model.generate(ids, **greedy, **compiled), base)
-        torch._dynamo.reset()
+            graphs = counters["stats"]["unique_graphs"] if k == 0 else graphs
+        assert counters["stats"]["unique_graphs"] == graphs  # the second adapter: no new graph
+        assert torch.equal(model.generate(ids, **greedy, **compiled), base)  # and the adapter is gone again
+        with shine.lora_merged(model, loras[0]):  # merged in place: the base's compiled step sees the new weights
+            assert torch.equal(model.generate(ids, **greedy, **compiled), model.generate(ids, **greedy))
+            assert not torch.equal(model.generate(ids, **greedy, **compiled), base)
+        assert torch.equal(model.generate(ids, **greedy, **compiled), base)
+    shine.drop_lora_hooks(model)
+    assert not any(m._forward_hooks or hasattr(m, "shine_loras") for m in model.modules())
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- the fused hook (shine._add_lora)

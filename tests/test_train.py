@@ -158,6 +158,21 @@ def test_cudnn_attention_is_off_unless_asked_for(tiny_backbone_dir, tmp_path, te
         torch.backends.cuda.enable_cudnn_sdp(True)
 
 
+def test_compiled_layers_train_like_eager(tiny_backbone_dir, tmp_path, text_file):
+    """--compile: the same losses step by step as eager (packed contexts of several lengths: dynamo recompiles for
+    dynamic shapes once, and every step's new LoRAs reuse the graphs). aot_eager: no C++ or Triton toolchain."""
+    losses = {}
+    for backend in ("", "aot_eager"):
+        torch._dynamo.reset()
+        train.main(run_args(tiny_backbone_dir, tmp_path / (backend or "eager"), text_file, "--max-steps", "3",
+                            "--compile", backend))
+        log = (tmp_path / (backend or "eager") / "log.jsonl").read_text().splitlines()
+        losses[backend] = [json.loads(line)["loss"] for line in log]
+    torch._dynamo.reset()
+    assert len(losses[""]) == 3
+    assert losses["aot_eager"] == pytest.approx(losses[""], rel=1e-4)
+
+
 def test_init_from_takes_a_run_directory_or_one_of_its_checkpoints(tiny_backbone_dir, tmp_path, text_file):
     from safetensors.torch import load_file
 
@@ -220,14 +235,16 @@ def losses(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-llm"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-llm", "fsdp-compiled"])
 def test_torchrun_two_processes_match_one_process(mode, tiny_backbone_dir, tmp_path, text_file):
     """Same global batch (4 sequences, 2 micro-batches accumulated): one process with batch 2, or two processes
-    with batch 1 each (gloo). Loss and weights agree to float tolerance; an FSDP checkpoint loads in one process."""
+    with batch 1 each (gloo; fsdp-compiled: their layers compiled). Loss and weights agree to float tolerance; an
+    FSDP checkpoint loads in one process."""
     common = ["--max-steps", "3", "--save-every", "3", "--lr", "1e-3", "--warmup-ratio", "0", "--grad-accum", "2"]
     train.main(run_args(tiny_backbone_dir, tmp_path / "one", text_file, *common))
     two = run_args(tiny_backbone_dir, tmp_path / "two", text_file, *common, "--batch-size", "1")
-    torchrun(two + {"ddp": [], "fsdp": ["--fsdp"], "fsdp-llm": ["--fsdp", "--fsdp-llm"]}[mode])
+    torchrun(two + {"ddp": [], "fsdp": ["--fsdp"], "fsdp-llm": ["--fsdp", "--fsdp-llm"],
+                    "fsdp-compiled": ["--fsdp", "--compile", "aot_eager"]}[mode])
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert_same_weights(tmp_path / "one" / "step_0000003", tmp_path / "two" / "step_0000003", atol=1e-5)
     from data import load_backbone
