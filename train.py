@@ -415,6 +415,9 @@ def main(argv=None) -> dict:
                                     cfg.seed, False, cfg.val_size)[:cfg.val_size] for name, p in tasks.items()}
     else:
         val, examples = {"val": examples[:cfg.val_size]}, examples[cfg.val_size:]
+    if not examples:
+        held_out = "" if cfg.val_data else f" once {cfg.val_size} were held out for validation (--val-size)"
+        raise SystemExit(f"no training examples from {cfg.data}{held_out}: check the data and the tokenizer")
     global_batch = cfg.batch_size * cfg.grad_accum * world
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * len(examples) / global_batch)
     if master:

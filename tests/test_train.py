@@ -173,6 +173,13 @@ def test_compiled_layers_train_like_eager(tiny_backbone_dir, tmp_path, text_file
     assert losses["aot_eager"] == pytest.approx(losses[""], rel=1e-4)
 
 
+def test_no_training_examples_is_a_clear_error(tiny_backbone_dir, tmp_path):
+    """12 single-QA examples, all held out for validation: say so, instead of dividing by zero."""
+    with pytest.raises(SystemExit, match="no training examples .* 99 were held out for validation"):
+        train.main(run_args(tiny_backbone_dir, tmp_path / "run", qa_file(tmp_path), "--stage", "ift-1qa",
+                            "--max-steps", "1", "--val-size", "99"))
+
+
 def test_init_from_takes_a_run_directory_or_one_of_its_checkpoints(tiny_backbone_dir, tmp_path, text_file):
     from safetensors.torch import load_file
 
