@@ -533,9 +533,13 @@ class Shine(nn.Module):
         code, their weights and LoRAs are graph inputs), so compiling costs one layer, not L. The LoRA hooks
         stay attached from now on (`keep_lora_hooks`). Call before `enable_activation_checkpointing`, which then
         recomputes the compiled layers; module hooks (memory reading, FSDP) run outside the compiled forwards.
+        A decoder layer needs about ten graphs (memory pass with the Meta-LoRA, answer pass with a batch of LoRAs,
+        the bare model; with and without autograd; static, then dynamic shapes), more than dynamo's default limit
+        of 8 per function, past which it silently runs the rest eagerly: the limit is raised to 64 (globally).
         """
         if getattr(self, "_checkpointing", False):
             raise RuntimeError("compile_layers must come before enable_activation_checkpointing")
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         keep_lora_hooks(self.llm, self.config.target_modules)
         for layer in [*decoder_layers(self.llm), *self.m2p.blocks]:
             layer.forward = torch.compile(layer.forward, **compile_kwargs)

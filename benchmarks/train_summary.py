@@ -26,8 +26,7 @@ def summarise(run: Path, skip: int) -> dict:
     timed = log[skip:] or log
     row = {"run": str(run), "steps": len(log), "timed_steps": len(timed), "model": config.get("model"),
            "stage": config.get("stage"), "batch": config.get("batch_size"), "grad_accum": config.get("grad_accum"),
-           "fsdp": config.get("fsdp"),
-           "gpus": log[-1].get("gpus")}
+           "fsdp": config.get("fsdp"), "compile": config.get("compile"), "gpus": log[-1].get("gpus")}
     for field in FIELDS:
         values = [r[field] for r in timed if field in r]
         row[field] = statistics.median(values) if values else None

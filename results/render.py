@@ -200,7 +200,8 @@ def train_tables(directory: Path) -> list[str]:
         fmt = lambda v, spec: format(v, spec) if v is not None else "–"
         gpus = lambda r: str(r.get("gpus") or 1) + (" (FSDP)" if r["fsdp"] else "")
         batch = lambda r: f"{r['batch']} × {r['grad_accum']}" if (r.get("grad_accum") or 1) > 1 else str(r["batch"])
-        rows = [[Path(r["model"] or "?").name, r["stage"] or "?", gpus(r), batch(r), f"{r['timed_steps']} of {r['steps']}",
+        stage = lambda r: (r["stage"] or "?") + (f" (compiled: {r['compile']})" if r.get("compile") else "")
+        rows = [[Path(r["model"] or "?").name, stage(r), gpus(r), batch(r), f"{r['timed_steps']} of {r['steps']}",
                  fmt(r["ms"], ".0f"), fmt(r["tok_s"], ".4g"), fmt(r["tflops"], ".4g"), fmt(r["mfu"], ".1%"),
                  fmt(r["peak_gib"], ".4g")] for r in report["runs"]]
         header = ["shape", "stage", "GPUs", "batch / GPU (× accumulated)", "steps timed", "ms / step",
