@@ -211,6 +211,13 @@ def _apply_loras(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
     return output
 
 
+def _put_loras(module: nn.Module, loras: tuple | None) -> None:
+    """Set a module's `shine_loras`, or remove the attribute (None): what `lora_applied` and recomputation restore."""
+    module.__dict__.pop("shine_loras", None)
+    if loras is not None:
+        module.shine_loras = loras
+
+
 def _has_lora_hook(linear: nn.Module) -> bool:
     return any(hook is _apply_loras for hook in linear._forward_hooks.values())
 
@@ -236,7 +243,7 @@ def drop_lora_hooks(model: nn.Module) -> None:
     for module in model.modules():
         for key in [k for k, hook in module._forward_hooks.items() if hook is _apply_loras]:
             del module._forward_hooks[key]
-        module.__dict__.pop("shine_loras", None)
+        _put_loras(module, None)
 
 
 @contextmanager
@@ -261,10 +268,7 @@ def lora_applied(model: nn.Module, lora: LoRA, scale: float = 1.0):
         for handle in handles:
             handle.remove()
         for linear, loras in before:
-            if loras is None:
-                del linear.shine_loras
-            else:
-                linear.shine_loras = loras
+            _put_loras(linear, loras)
 
 
 @torch.no_grad()
@@ -386,9 +390,7 @@ def _same_hooks_on_recompute(layer: nn.Module):
     def put(states: list) -> None:
         for m, (hooks, loras) in zip(modules, states):
             m._forward_hooks = hooks
-            m.__dict__.pop("shine_loras", None)
-            if loras is not None:
-                m.shine_loras = loras
+            _put_loras(m, loras)
 
     @contextmanager
     def recompute():
