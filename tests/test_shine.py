@@ -1,4 +1,5 @@
 """shine.py against slow references on tiny Qwen3 / Llama models built from a config."""
+import json
 import math
 
 import pytest
@@ -195,8 +196,9 @@ def test_lora_factors_cast_together_keep_values_and_gradients(qwen):
     assert all(s is f for s, f in zip(same, factors))  # no cast: the parameters themselves
 
 
-def test_gradients_reach_exactly_the_hypernetwork(qwen):
-    shine = Shine(qwen, SMALL)
+@pytest.mark.parametrize("memory_norm", ["none", "rms", "backbone"])
+def test_gradients_reach_exactly_the_hypernetwork(qwen, memory_norm):
+    shine = Shine(qwen, ShineConfig(**{**SMALL.__dict__, "memory_norm": memory_norm}))
     with torch.no_grad():  # B = 0 would block gradients to the Meta-LoRA's A on the first step
         for p in shine.meta_lora.parameters():
             p.normal_(0, 0.02)
@@ -224,6 +226,34 @@ def test_padded_batch_gives_each_contexts_memory_states(qwen):
     assert batch.shape == (2, 2, shine.num_memory, 64)
     torch.testing.assert_close(batch[0], shine.memory_states(a)[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(batch[1], shine.memory_states(b)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_memory_norm_scales_what_the_m2p_reads(qwen):
+    with torch.no_grad():  # norm gains the backbone learned, not the ones it was built with
+        for module in qwen.modules():
+            if type(module).__name__.endswith("RMSNorm") and module.weight.shape == (64,):
+                module.weight.uniform_(0.2, 3.0)
+    shine = Shine(qwen, SMALL)
+    with torch.no_grad():
+        shine.memory.normal_(0, 30.0)  # raw states far from unit size, as trained memory tokens become
+        for p in shine.m2p.parameters():
+            p.normal_(0, 0.05)
+    ctx = torch.randint(0, 128, (2, 9))
+    raw = shine.memory_states(ctx)  # (B, L, M, H)
+    rms = raw / raw.pow(2).mean(-1, keepdim=True).sqrt()
+    layers, final = shine.llm.model.layers, shine.llm.model.norm
+    gains = torch.stack([layers[1].input_layernorm.weight, final.weight])  # what reads layer 0's / layer 1's output
+    eps = torch.tensor([layers[1].input_layernorm.variance_epsilon, final.variance_epsilon])
+    backbone = gains[:, None, :] * raw / (raw.pow(2).mean(-1, keepdim=True) + eps[:, None, None]).sqrt()
+    for mode, expected in [("none", raw), ("rms", rms), ("backbone", backbone)]:
+        shine.config.memory_norm = mode
+        torch.testing.assert_close(shine.normalize_memory(raw), expected, atol=1e-5, rtol=1e-4)
+        lora = shine.generate_lora(ctx)  # the M2P reads the normalized states
+        reference = lora_from_states(shine.m2p(expected), shine.shapes, 2, "rl", shine.config.lora_scale)
+        torch.testing.assert_close(lora[1]["down_proj"][1], reference[1]["down_proj"][1])
+    assert not torch.allclose(rms, raw) and not torch.allclose(backbone, rms)
+    with pytest.raises(ValueError, match="memory_norm must be one of"):
+        ShineConfig(memory_norm="layer")
 
 
 def test_hugging_face_checkpointing_is_refused_without_a_deprecation_warning(qwen):
@@ -377,7 +407,7 @@ def test_parameter_report_counts_what_is_trained(qwen):
 
 
 def test_save_and_load_round_trip_and_refuse_another_backbone(qwen, tmp_path):
-    shine = Shine(qwen, SMALL)
+    shine = Shine(qwen, ShineConfig(**{**SMALL.__dict__, "memory_norm": "rms"}))
     with torch.no_grad():
         for p in shine.hypernetwork_state_dict().values():
             p.normal_()
@@ -385,8 +415,14 @@ def test_save_and_load_round_trip_and_refuse_another_backbone(qwen, tmp_path):
     loaded = Shine.from_pretrained(tiny_qwen3(), tmp_path / "ckpt")
     ctx = torch.randint(0, 128, (1, 5))
     torch.testing.assert_close(loaded.memory_states(ctx), shine.memory_states(ctx))
+    assert loaded.config.memory_norm == "rms"
     with pytest.raises(ValueError, match="trained on"):
         Shine.from_pretrained(tiny_qwen3(layers=3), tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "shine_config.json"  # checkpoints from before memory_norm read raw states
+    meta = json.loads(config.read_text())
+    assert meta["shine"].pop("memory_norm") == "rms"
+    config.write_text(json.dumps(meta))
+    assert Shine.from_pretrained(tiny_qwen3(), tmp_path / "ckpt").config.memory_norm == "none"
     blob = (tmp_path / "ckpt" / "hypernetwork.safetensors").read_bytes()
     (tmp_path / "ckpt" / "hypernetwork.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ValueError, match="cannot read"):

@@ -105,8 +105,16 @@ def test_cli_lists_defaults_and_applies_stage_preset_and_flags():
     assert (cfg.lr, cfg.epochs, cfg.data, cfg.model) == (3e-5, 2.0, "Yewei-Liu/ift_mqa_collection", "Qwen/Qwen3-8B")
     cfg = train.parse_args(["--stage", "ift-1qa", "--preset", "smollm2", "--lr", "0.5", "--fsdp"])
     assert (cfg.lr, cfg.model, cfg.fsdp, cfg.out_dir) == (0.5, "smollm2-135m", True, "runs/ift-1qa")
+    assert (cfg.lora_scale, cfg.memory_norm) == (2.7e-4, "rms")  # the shipped SHINE-135M's recipe
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "finetune"])
+
+
+def test_sharded_llm_settings_that_cannot_work_are_refused_before_loading():
+    for flags, message in [(dict(fsdp_llm=True), "add --fsdp"),
+                           (dict(fsdp=True, fsdp_llm=True, memory_norm="backbone"), "use --memory-norm rms")]:
+        with pytest.raises(SystemExit, match=message):
+            train.build_model(train.TrainConfig(model="/nonexistent", **flags), torch.device("cpu"), 1)
 
 
 def qa_file(tmp_path):
