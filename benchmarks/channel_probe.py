@@ -93,6 +93,8 @@ def main(argv=None) -> dict:
     p.add_argument("--texts", default=DEFAULT_TEXTS, help="comma-separated training text files (data.load_texts)")
     p.add_argument("--lora-scale", type=float, default=PRESET["lora_scale"],
                    help="s of the generated LoRA (default: train.py's smollm2 preset)")
+    p.add_argument("--memory-norm", default=PRESET["memory_norm"],
+                   help="shine.MEMORY_NORMS: how the M2P reads the memory states (default: the smollm2 preset's)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--meta-lora-rank", type=int, default=PRESET["meta_lora_rank"])
     p.add_argument("--ctx", type=int, default=128, help="tokens per text")
@@ -116,7 +118,8 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         data.avoid_cudnn_attention()
     llm, tokenizer = data.load_backbone(args.model, torch.bfloat16 if device.type == "cuda" else None, device)
-    shine = Shine(llm, ShineConfig(meta_lora_rank=args.meta_lora_rank, lora_scale=args.lora_scale)).to(device)
+    shine = Shine(llm, ShineConfig(meta_lora_rank=args.meta_lora_rank, lora_scale=args.lora_scale,
+                                   memory_norm=args.memory_norm)).to(device)
     rng, eot, pad_id = random.Random(args.seed), train.eot_id(tokenizer), tokenizer.pad_token_id
     example = lambda ids: train.pretrain_example(tokenizer, [ids], rng, eot, recon_prob=1.0)
     pool = text_chunks(tokenizer, [t for f in args.texts.split(",") for t in data.load_texts(f)], args.ctx)

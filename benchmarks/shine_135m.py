@@ -96,7 +96,7 @@ def params(model: str, meta_ranks: list[int], lora_rank: int, m2p_layers: int) -
         print(f"meta_lora_rank {rank}: {report} -> {2 * report['total'] / 1e6:.2f} MB in bf16")
 
 
-def package(run: Path, data_dir: Path, out: Path, results: Path) -> dict:
+def package(run: Path, data_dir: Path, out: Path, results: Path, gpu: str | None = None) -> dict:
     """The shipped checkpoint: the final stage's bf16 export, training.json (every stage) and a README."""
     final = run / "export" / "ift-1qa"
     out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +112,8 @@ def package(run: Path, data_dir: Path, out: Path, results: Path) -> dict:
                 "train_configs": {s["stage"]: s["train_config"] for s in stages},
                 "logs": {s["stage"]: s["log"] for s in stages},
                 "data": json.loads(manifest.read_text()) if manifest.is_file() else None,
-                # package runs on the machine that trained, right after the last stage
-                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+                # by default package runs on the machine that trained, right after the last stage
+                "gpu": gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else None)}
     for path in (out / "training.json", results / "training.json"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(training, indent=1))
@@ -132,7 +132,8 @@ def readme(training: dict) -> str:
 
 The hypernetwork of issue 7, trained with `benchmarks/shine_135m.sh` on one {training.get('gpu') or 'GPU'}: memory
 embeddings, Meta-LoRA (rank {c['meta_lora_rank']}) and a {c['m2p_layers']}-block M2P transformer that write a rank-{c['lora_rank']} LoRA for
-every linear of SmolLM2-135M-Instruct from a context of up to 1,150 tokens. {p['total']:,} parameters
+every linear of SmolLM2-135M-Instruct from a context of up to 1,150 tokens; the M2P reads the memory states
+{"raw, as the paper" if c.get('memory_norm', 'none') == 'none' else "normalized (memory_norm " + repr(c['memory_norm']) + ", see shine.py)"}. {p['total']:,} parameters
 ({p['memory']:,} memory, {p['meta_lora']:,} Meta-LoRA, {p['m2p']:,} M2P), stored in bf16
 ({training['bytes'] / 1e6:.1f} MB). `python evaluate.py --bench hotpotqa` loads it by default.
 
@@ -180,6 +181,7 @@ def main(argv=None):
     p.add_argument("--data", type=Path, default=Path("runs/135m/data"))
     p.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "shine-smollm2-135m")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "shine-135m")
+    p.add_argument("--gpu", help="package: the GPU that trained (default: this machine's), when packaging elsewhere")
     args, _ = p.parse_known_args(argv)  # the driver passes its train.py overrides along; the rest are ignored
     if args.command == "params":
         params(args.model, [int(r) for r in args.meta_ranks.split(",")], args.lora_rank, args.m2p_layers)
@@ -189,7 +191,7 @@ def main(argv=None):
     elif args.command == "export":
         print(f"exported {export(args.run, args.stage)}")
     else:
-        package(args.run, args.data, args.out, args.results)
+        package(args.run, args.data, args.out, args.results, args.gpu)
 
 
 if __name__ == "__main__":

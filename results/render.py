@@ -127,23 +127,35 @@ def training_table(training: dict | None) -> str | None:
             + markdown_table(["stage", "steps", "batch", "peak lr", "training minutes", "train loss", "held-out loss"], rows))
 
 
-def channel_tables(probe: dict | None) -> list[str]:
-    """benchmarks/channel_probe.py by LoRA scale s: how much of the held-out loss comes from the text's own LoRA."""
-    if probe is None:
-        return []
-    runs = probe["runs"]
+def probe_rows(runs: dict) -> tuple[list[int], list[list[str]]]:
+    """channel_probe.py runs side by side: the channel every 100 steps (the last six marks), the last step's losses."""
     steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs.values())) - {0})
     marks = [s for s in steps if s % 100 == 0][-6:]
     rows = []
-    for scale, r in runs.items():
+    for name, r in runs.items():
         at = {p["step"]: p for p in r["curve"]}
         last = r["curve"][-1]
-        rows.append([scale, f"{r['config']['lr']:g}", *(f"{at[s]['channel']:+.3f}" for s in marks),
+        rows.append([name, f"{r['config']['lr']:g}", *(f"{at[s]['channel']:+.3f}" for s in marks),
                      f"{last['step']}", f"{last['own']:.3f} / {last['other']:.3f} / {last['none']:.3f}"])
+    return marks, rows
+
+
+def channel_tables(probe: dict | None) -> list[str]:
+    """benchmarks/channel_probe.py by LoRA scale s and by memory_norm: how much of the held-out loss comes from the
+    text's own LoRA; then the recipe trials."""
+    if probe is None:
+        return []
+    columns = lambda marks: ["lr", *(f"step {s}" for s in marks), "last step", "own / other / none"]
+    marks, rows = probe_rows(probe["runs"])
     tables = [("**Is the context reaching the LoRA?** `benchmarks/channel_probe.py`: reconstruction-only training "
                "from scratch; held-out WikiText-2 loss under another text's LoRA minus under the text's own "
                "(nats per token, the channel), by the generated LoRA's scale s." + note(probe) + "\n\n")
-              + markdown_table(["s", "lr", *(f"step {s}" for s in marks), "last step", "own / other / none"], rows)]
+              + markdown_table(["s", *columns(marks)], rows)]
+    if norms := probe.get("memory_norm"):
+        marks, rows = probe_rows(norms["runs"])
+        tables.append("**The same channel by `memory_norm`**: what the M2P reads, raw memory states (the paper) or "
+                      "each divided by its RMS or put through the backbone's own next norm (`shine.MEMORY_NORMS`)."
+                      + note(norms) + "\n\n" + markdown_table(["memory_norm", *columns(marks)], rows))
     if trials := probe.get("trials"):
         fmt = lambda v, spec: format(v, spec) if v is not None else "–"
         scale = lambda x: f"{x:.1e}".replace("e-0", "e-")
