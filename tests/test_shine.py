@@ -1,6 +1,7 @@
 """shine.py against slow references on tiny Qwen3 / Llama models built from a config."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -198,7 +199,7 @@ def test_lora_factors_cast_together_keep_values_and_gradients(qwen):
 
 @pytest.mark.parametrize("memory_norm", ["none", "rms", "backbone"])
 def test_gradients_reach_exactly_the_hypernetwork(qwen, memory_norm):
-    shine = Shine(qwen, ShineConfig(**{**SMALL.__dict__, "memory_norm": memory_norm}))
+    shine = Shine(qwen, replace(SMALL, memory_norm=memory_norm))
     with torch.no_grad():  # B = 0 would block gradients to the Meta-LoRA's A on the first step
         for p in shine.meta_lora.parameters():
             p.normal_(0, 0.02)
@@ -407,7 +408,7 @@ def test_parameter_report_counts_what_is_trained(qwen):
 
 
 def test_save_and_load_round_trip_and_refuse_another_backbone(qwen, tmp_path):
-    shine = Shine(qwen, ShineConfig(**{**SMALL.__dict__, "memory_norm": "rms"}))
+    shine = Shine(qwen, replace(SMALL, memory_norm="rms"))
     with torch.no_grad():
         for p in shine.hypernetwork_state_dict().values():
             p.normal_()
