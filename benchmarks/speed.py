@@ -12,8 +12,8 @@ Issue 6; benchmarks/README.md defines every number. Medians of repeated runs aft
 - decode: HF generate, 64 greedy tokens after a 200-token prompt, batch 1 and 16: base, merged, hooks.
 - train: one step of the pretraining shape as train.py runs it (cuDNN attention off), without and with activation
   checkpointing; MFU counts 3 x flops.py's forward FLOPs (backward = 2x forward) against --peak-tflops.
-- compile: decode with a static KV cache, its decoding step compiled by HF (CUDA graphs), batch 1 and 16: hooks,
-  base, and at batch 1 the adapter merged into the base's weights (the same compiled step, replayed). The LoRA
+- compile: decode with a static KV cache, its decoding step compiled by HF (CUDA graphs), batch 1 and 16: hooks
+  (the adapter in shine.decoding_layout; hooks_generated_layout: as generated, a recompile), base, and at batch 1 the adapter merged into the base's weights (the same compiled step, replayed). The LoRA
   hooks are kept attached (shine.keep_lora_hooks): dynamo skips hook guards by default, so a step compiled without
   them would silently be reused inside lora_applied, and kept hooks also spare a recompile per adapter.
 - --compile-layers: gen and train with Shine.compile_layers (train.py's --compile).
@@ -39,8 +39,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shine.py, train.py, flops.py live at the root
 import flops  # noqa: E402
 import train  # noqa: E402
-from shine import (LLAMA_LINEARS, Shine, decoder_layers, drop_lora_hooks, keep_lora_hooks, lora_applied,  # noqa: E402
-                   lora_merged, merge_lora, target_linears, unmerge_lora)
+from shine import (LLAMA_LINEARS, Shine, decoder_layers, decoding_layout, drop_lora_hooks, keep_lora_hooks,  # noqa: E402
+                   lora_applied, lora_merged, merge_lora, target_linears, unmerge_lora)
 
 CUDA = torch.cuda.is_available()
 PARTS = ("gen", "decode", "train", "compile")  # in this order: compile is the slowest and the riskiest
@@ -240,9 +240,10 @@ def compiled_generate_kwargs(backend: str, fullgraph: bool) -> dict:
 def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
     llm, runs, errors = shine.llm, w["runs"]["compile"], []
     keep_lora_hooks(llm)  # before the first compile: see the module docstring
-    loras = {b: generated_lora(shine, b, w) for b in DECODE_BATCHES}
+    generated = {b: generated_lora(shine, b, w) for b in DECODE_BATCHES}
+    loras = {b: decoding_layout(lora) for b, lora in generated.items()}  # what compiled decoding reads fastest
     prompts = {b: random_ids(b, w["prompt"], s.vocab, llm.device) for b in DECODE_BATCHES}
-    for lora in loras.values():
+    for lora in [*loras.values(), *generated.values()]:
         for A, B in (pair for modules in lora.values() for pair in modules.values()):
             torch._dynamo.mark_static_address(A)  # else CUDA graphs copy all 2 x 252 tensors at every replay
             torch._dynamo.mark_static_address(B)
@@ -253,8 +254,12 @@ def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
                 log(f"compile b{b}: static cache, fullgraph={fullgraph}, hooks (compiling takes a minute or two)")
                 with lora_applied(llm, loras[b]):
                     hooks = decode(llm, prompts[b], w, runs, s, **kwargs)
+                log(f"compile b{b}: hooks, the adapter as generated (before decoding_layout; recompiles)")
+                with lora_applied(llm, generated[b]):
+                    hooks_generated = decode(llm, prompts[b], w, runs, s, **kwargs)
                 log(f"compile b{b}: base")
-                out[f"b{b}"] = {"base": decode(llm, prompts[b], w, runs, s, **kwargs), "hooks": hooks}
+                out[f"b{b}"] = {"base": decode(llm, prompts[b], w, runs, s, **kwargs), "hooks": hooks,
+                                "hooks_generated_layout": hooks_generated}
                 if b == 1:
                     # merged in place: the base's compiled step and CUDA graphs replay over the updated weights,
                     # no recompile per adapter (merge_lora writes into the same tensors the graphs captured)
@@ -347,11 +352,11 @@ def print_table(results: dict, path: str = "") -> None:
             cells = "".join(f"{value[k]:>{width}{f}}" if k in value else " " * width for k, f, width in
                             (("tflops", ".4g", 10), ("mfu", ".1%", 7), ("x_base", ".3f", 8), ("peak_gib", ".4g", 10),
                              ("predicted_gib", ".4g", 9)))
-            print(f"{name:<28}{value['ms']:>10.2f}{rate:>22}{cells}")
+            print(f"{name:<36}{value['ms']:>10.2f}{rate:>22}{cells}")
         elif isinstance(value, dict):
             print_table(value, name)
         elif key in ("error", "errors"):
-            print(f"{name:<28}{str(value)[:150]}")
+            print(f"{name:<36}{str(value)[:150]}")
 
 
 def parse_args(argv=None):
@@ -432,7 +437,7 @@ def main(argv=None) -> dict:
     results["total_wall_s"] = time.perf_counter() - T0
     if rank == 0:
         args.out.write_text(json.dumps(results, indent=2))
-        print(f"\n{'':<28}{'ms':>10}{'throughput':>22}{'TFLOP/s':>10}{'MFU':>7}{'x base':>8}{'peak GiB':>10}"
+        print(f"\n{'':<36}{'ms':>10}{'throughput':>22}{'TFLOP/s':>10}{'MFU':>7}{'x base':>8}{'peak GiB':>10}"
               f"{'B.6 GiB':>9}")
         print_table({k: v for k, v in results.items() if isinstance(v, dict) and k != "lengths"})
         log(f"wrote {args.out} ({results['device']})")

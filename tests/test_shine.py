@@ -8,8 +8,9 @@ import torch
 from conftest import tiny_llama, tiny_qwen3
 from einops import rearrange
 
-from shine import (LLAMA_LINEARS, M2PTransformer, Shine, ShineConfig, lora_applied, lora_from_states, lora_merged,
-                   lora_shapes, merge_lora, num_memory_tokens, save_peft_adapter, target_linears, unmerge_lora)
+from shine import (LLAMA_LINEARS, M2PTransformer, Shine, ShineConfig, decoding_layout, lora_applied, lora_from_states,
+                   lora_merged, lora_shapes, merge_lora, num_memory_tokens, save_peft_adapter, target_linears,
+                   unmerge_lora)
 
 SMALL = ShineConfig(lora_rank=2, meta_lora_rank=4, m2p_layers=2)
 
@@ -79,17 +80,38 @@ GPU_INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(not torch.cuda.
                                                                  reason="Inductor's Triton kernels need a GPU"))
 
 
+@pytest.mark.parametrize("batch", [None, 2])
+def test_decoding_layout_keeps_every_value_and_stores_the_rank_axis_outermost(qwen, batch):
+    lora = random_lora(qwen, batch=batch)
+    moved = decoding_layout(lora)
+    assert sorted(moved) == sorted(lora)
+    for l, modules in lora.items():
+        assert list(moved[l]) == list(modules)
+        for name, (A, B) in modules.items():
+            A2, B2 = moved[l][name]
+            assert torch.equal(A2, A) and torch.equal(B2, B)  # same shapes and values
+            assert A2.mT.is_contiguous() and B2.mT.is_contiguous() and not A2.is_contiguous()  # (.., r, I), (.., O, r)
+    ids = torch.randint(0, 128, (2, 5))
+    with lora_applied(qwen, lora):
+        expected = qwen(ids).logits
+    with lora_applied(qwen, moved):
+        torch.testing.assert_close(qwen(ids).logits, expected)
+
+
 @pytest.mark.parametrize("backend", ["eager", GPU_INDUCTOR])
 @pytest.mark.parametrize("batch", [None, 3])
-def test_compiled_decoding_step_with_hooks_equals_the_reference(qwen, batch, backend):
+@pytest.mark.parametrize("layout", ["generated", "decoding"])
+def test_compiled_decoding_step_with_hooks_equals_the_reference(qwen, batch, backend, layout):
     """A decoding step (one token per sequence) compiled with the hooks traced, which then take the fusable sums
     (shine.FUSED_LORA_TOKENS): the same logits as eager and as the explicit W + (A B)^T model, each sequence with
-    its own adapter (or one shared). "eager" checks what dynamo traces; "inductor" also runs the fused kernels."""
+    its own adapter (or one shared), with the factors as generated or in `decoding_layout`. "eager" checks what
+    dynamo traces; "inductor" also runs the fused kernels."""
     device = "cuda" if backend == "inductor" else "cpu"
     qwen = qwen.to(device)
     ids = torch.randint(0, 128, (3, 1), device=device)
     lora = {l: {n: (A.to(device), B.to(device)) for n, (A, B) in m.items()}
             for l, m in random_lora(qwen, batch=batch).items()}
+    lora = decoding_layout(lora) if layout == "decoding" else lora
     with lora_applied(qwen, lora):
         eager = qwen(ids).logits
         compiled = torch.compile(qwen, backend=backend, fullgraph=True)(ids).logits

@@ -52,8 +52,9 @@ def test_tiny_run_reports_every_part_with_finite_positive_numbers(tmp_path):
     for part, (configs, fields) in FIELDS.items():
         assert set(r[part]) == configs
         assert all(fields <= set(r[part][c]) for c in configs), part
-    every = {"base", "hooks", "merged", "base_after"}
-    for part, modes in (("decode", {"b1": every, "b16": every}), ("compile", {"b1": every, "b16": {"base", "hooks"}})):
+    every, generated = {"base", "hooks", "merged", "base_after"}, "hooks_generated_layout"
+    compiled = {"b1": every | {generated}, "b16": {"base", "hooks", generated}}
+    for part, modes in (("decode", {"b1": every, "b16": every}), ("compile", compiled)):
         assert {b: set(r[part][b]) for b in r[part]} == modes, part
         for b in modes:
             assert all(DECODE <= set(r[part][b][m]) for m in modes[b])
