@@ -13,7 +13,8 @@ Issue 6; benchmarks/README.md defines every number. Medians of repeated runs aft
 - train: one step of the pretraining shape as train.py runs it (cuDNN attention off), without and with activation
   checkpointing; MFU counts 3 x flops.py's forward FLOPs (backward = 2x forward) against --peak-tflops.
 - compile: decode with a static KV cache, its decoding step compiled by HF (CUDA graphs), batch 1 and 16: hooks
-  (the adapter in shine.decoding_layout; hooks_generated_layout: as generated, a recompile), base, and at batch 1 the adapter merged into the base's weights (the same compiled step, replayed). The LoRA
+  (the adapter in shine.decoding_layout), base, and at batch 1 the adapter merged into the base's weights (the
+  same compiled step, replayed); the modes alternate over three rounds, each reporting its median round. The LoRA
   hooks are kept attached (shine.keep_lora_hooks): dynamo skips hook guards by default, so a step compiled without
   them would silently be reused inside lora_applied, and kept hooks also spare a recompile per adapter.
 - --compile-layers: gen and train with Shine.compile_layers (train.py's --compile).
@@ -29,6 +30,7 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -47,13 +49,13 @@ PARTS = ("gen", "decode", "train", "compile")  # in this order: compile is the s
 SHAPES = {  # backbone config (Qwen3-8B's public one, in shapes/), the issue's lengths, (warm-up, timed) runs per part
     "qwen3-8b": dict(config=Path(__file__).resolve().parent / "shapes" / "qwen3-8b",
                      context=1150, train_context=1141, answer=1150, prompt=200, new_tokens=64,
-                     runs=dict(gen=(3, 10), decode=(1, 3), train=(2, 5), compile=(2, 5))),
+                     runs=dict(gen=(3, 10), decode=(1, 3), train=(2, 5), compile=(1, 3))),
     "tiny": dict(config=dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
                  context=40, train_context=31, answer=40, prompt=12, new_tokens=16,
                  runs=dict(gen=(1, 2), decode=(1, 2), train=(1, 2), compile=(1, 2))),
 }
-GEN_BATCH, DECODE_BATCHES, VARIED_STEPS = 8, (1, 16), 4
+GEN_BATCH, DECODE_BATCHES, VARIED_STEPS, COMPILE_ROUNDS = 8, (1, 16), 4, 3
 T0 = time.perf_counter()
 
 
@@ -236,14 +238,19 @@ def compiled_generate_kwargs(backend: str, fullgraph: bool) -> dict:
     return dict(cache_implementation="static", compile_config=config)
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round whose decoding step took the median time, with every round's step time beside it."""
+    middle = sorted(rounds, key=lambda r: r["ms_per_step"])[(len(rounds) - 1) // 2]
+    return middle | {"ms_per_step_rounds": [r["ms_per_step"] for r in rounds]}
+
+
 @torch.no_grad()
 def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
     llm, runs, errors = shine.llm, w["runs"]["compile"], []
     keep_lora_hooks(llm)  # before the first compile: see the module docstring
-    generated = {b: generated_lora(shine, b, w) for b in DECODE_BATCHES}
-    loras = {b: decoding_layout(lora) for b, lora in generated.items()}  # what compiled decoding reads fastest
+    loras = {b: decoding_layout(generated_lora(shine, b, w)) for b in DECODE_BATCHES}  # read fastest compiled
     prompts = {b: random_ids(b, w["prompt"], s.vocab, llm.device) for b in DECODE_BATCHES}
-    for lora in [*loras.values(), *generated.values()]:
+    for lora in loras.values():
         for A, B in (pair for modules in lora.values() for pair in modules.values()):
             torch._dynamo.mark_static_address(A)  # else CUDA graphs copy all 2 x 252 tensors at every replay
             torch._dynamo.mark_static_address(B)
@@ -251,22 +258,18 @@ def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
         kwargs, out = compiled_generate_kwargs(args.compile_backend, fullgraph), {}
         try:
             for b in DECODE_BATCHES:
-                log(f"compile b{b}: static cache, fullgraph={fullgraph}, hooks (compiling takes a minute or two)")
-                with lora_applied(llm, loras[b]):
-                    hooks = decode(llm, prompts[b], w, runs, s, **kwargs)
-                log(f"compile b{b}: hooks, the adapter as generated (before decoding_layout; recompiles)")
-                with lora_applied(llm, generated[b]):
-                    hooks_generated = decode(llm, prompts[b], w, runs, s, **kwargs)
-                log(f"compile b{b}: base")
-                out[f"b{b}"] = {"base": decode(llm, prompts[b], w, runs, s, **kwargs), "hooks": hooks,
-                                "hooks_generated_layout": hooks_generated}
-                if b == 1:
-                    # merged in place: the base's compiled step and CUDA graphs replay over the updated weights,
-                    # no recompile per adapter (merge_lora writes into the same tensors the graphs captured)
-                    log("compile b1: merged, then the base again")
-                    with lora_merged(llm, loras[1], keep_on=None):
-                        out["b1"]["merged"] = decode(llm, prompts[1], w, runs, s, **kwargs)
-                    out["b1"]["base_after"] = decode(llm, prompts[1], w, runs, s, **kwargs)
+                modes = {"hooks": partial(lora_applied, llm, loras[b]), "base": nullcontext}
+                if b == 1:  # merged in place: the base's compiled step and CUDA graphs replay over the updated
+                    # weights, no recompile per adapter (merge_lora writes into the tensors the graphs captured)
+                    modes["merged"] = partial(lora_merged, llm, loras[1], keep_on=None)
+                rounds = {mode: [] for mode in modes}
+                for r in range(COMPILE_ROUNDS):  # interleaved: the host's drift over the run hits every mode alike
+                    for mode, applied in modes.items():
+                        first = f", fullgraph={fullgraph} (compiling takes a minute or two)" if r == 0 else ""
+                        log(f"compile b{b}, round {r + 1}: {mode}{first}")
+                        with applied():
+                            rounds[mode].append(decode(llm, prompts[b], w, runs, s, **kwargs))
+                out[f"b{b}"] = {mode: median_round(results) for mode, results in rounds.items()}
             for b, modes in out.items():
                 for mode in set(modes) - {"base"}:
                     modes[mode]["x_base"] = modes[mode]["ms_per_step"] / modes["base"]["ms_per_step"]
