@@ -56,11 +56,12 @@ def test_tiny_run_reports_every_part_with_finite_positive_numbers(tmp_path):
         assert all(fields <= set(r[part][c]) for c in configs), part
     every = {"base", "hooks", "merged", "base_after"}
     compiled = {"b1": {"base", "hooks", "merged"}, "b16": {"base", "hooks"}}  # interleaved rounds: no base_after
+    compiled = {b: modes | {m + speed.GUARDS_SKIPPED for m in modes} for b, modes in compiled.items()}
     for part, modes in (("decode", {"b1": every, "b16": every}), ("compile", compiled)):
         assert {b: set(r[part][b]) for b in r[part]} == modes, part
         for b in modes:
             assert all(DECODE <= set(r[part][b][m]) for m in modes[b])
-            assert all("x_base" in r[part][b][m] for m in modes[b] - {"base"})
+            assert all("x_base" in r[part][b][m] for m in modes[b] - {"base", "base" + speed.GUARDS_SKIPPED})
             assert r[part][b]["hooks"]["x_base"] == pytest.approx(
                 r[part][b]["hooks"]["ms_per_step"] / r[part][b]["base"]["ms_per_step"])
     assert {"merge_ms", "merge_cpu_ms"} <= set(r["decode"]["b16"]["merged"])
@@ -155,6 +156,11 @@ def test_compiled_decoding_with_kept_hooks_uses_each_adapter_without_recompiling
             assert torch.equal(model.generate(ids, **greedy, **compiled), model.generate(ids, **greedy))
             assert not torch.equal(model.generate(ids, **greedy, **compiled), base)
         assert torch.equal(model.generate(ids, **greedy, **compiled), base)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):  # as speed.py's *_guards_skipped:
+            assert torch.equal(model.generate(ids, **greedy, **compiled), base)  # the guards left still tell the
+            with shine.lora_applied(model, loras[1]):  # graphs with and without an adapter apart
+                assert torch.equal(model.generate(ids, **greedy, **compiled), adapted)
+            assert torch.equal(model.generate(ids, **greedy, **compiled), base)
     shine.drop_lora_hooks(model)
     assert not any(m._forward_hooks or hasattr(m, "shine_loras") for m in model.modules())
     torch._dynamo.reset()
