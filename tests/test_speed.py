@@ -1,10 +1,11 @@
 """benchmarks/speed.py at the tiny shape on the CPU (every part, the FSDP mode under torchrun), the compiled-decode
-set-up it relies on, and the fused LoRA hook it measures."""
+set-up it relies on, the fused LoRA hook it measures, and the decoding layout and profile benchmarks beside it."""
 import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,27 @@ def test_qwen3_8b_shape_is_the_papers_backbone():
     assert flops.Shape.from_config(llm.config) == flops.PRESETS["qwen3-8b"]
     assert sum(p.numel() for p in llm.parameters()) == 8_190_735_360
     assert llm.dtype == torch.bfloat16 and llm.generation_config.eos_token_id is None  # N tokens every run
+
+
+@pytest.mark.slow
+def test_layout_and_profile_benchmarks_run_at_the_tiny_shape(tmp_path):
+    """benchmarks/decode_lora_layout.py and profile_compiled_decode.py on the CPU (eager backend): every mode
+    measured, the base is its own reference, one profiler table per mode naming dynamo's cache lookup."""
+    import decode_lora_layout
+    import profile_compiled_decode
+
+    layout = decode_lora_layout.main(["--shape", "tiny", "--backend", "eager", "--out", str(tmp_path / "l.json")])
+    torch._dynamo.reset()
+    assert json.loads((tmp_path / "l.json").read_text()) == layout
+    assert set(layout["results"]) == {"b1", "b16"}
+    for row in layout["results"].values():
+        assert set(row) == {"base", "generated", "decoding"} and row["base"]["x_base"] == 1.0
+        assert all(math.isfinite(m["ms"]) and m["ms"] > 0 for m in row.values())
+    report = profile_compiled_decode.main(["--shape", "tiny", "--backend", "eager", "--tokens", "4",
+                                           "--out-dir", str(tmp_path)])
+    torch._dynamo.reset()
+    guards = speed.GUARDS_SKIPPED
+    assert set(report) == {"base", "hooks", "base" + guards, "hooks" + guards}
+    for mode, r in report.items():
+        assert r["cache_lookup_ms_per_step"] > 0 and r["gpu_ms_per_step"] is None  # no GPU here
+        assert "TorchDynamo Cache Lookup" in Path(r["table"]).read_text()
