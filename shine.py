@@ -28,7 +28,8 @@ Notable choices:
 - Meta-LoRA, memory embeddings and positional embeddings follow the authors' init: A ~ N(0, 1e-3), B = 0
   (a no-op at first), zeros for the embeddings.
 - The hooks add x A B into each linear's output in place (eager: no copy of the output per linear); in a compiled
-  decoding step they compute it as broadcast products and sums, which Inductor fuses with neighbouring kernels.
+  decoding step they compute it as broadcast products and sums, which Inductor fuses with neighbouring kernels
+  and which read an adapter fastest in `decoding_layout` (each factor stored rank axis outermost).
 - `lora_applied` lists the adapters in each linear's `shine_loras` and attaches one hook that adds them, removed
   when the block ends unless kept for torch.compile (`keep_lora_hooks`, `Shine.compile_layers`): a compiled graph
   guards on that attribute, so one graph serves every adapter of a shape and none runs stale without its adapter.

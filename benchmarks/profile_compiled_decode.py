@@ -45,8 +45,9 @@ def main(argv=None) -> dict:
     keep_lora_hooks(llm)  # before the first compile (speed.py's docstring says why)
     g = torch.Generator(device=device).manual_seed(0)
     factor = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.bfloat16) * 0.01
+    shapes, layers = lora_shapes(llm), range(llm.config.num_hidden_layers)
     lora = decoding_layout({l: {n: (factor(args.batch, i, rank), factor(args.batch, rank, o))
-                                for n, (i, o) in lora_shapes(llm).items()} for l in range(llm.config.num_hidden_layers)})
+                                for n, (i, o) in shapes.items()} for l in layers})
     for A, B in (pair for modules in lora.values() for pair in modules.values()):
         torch._dynamo.mark_static_address(A)
         torch._dynamo.mark_static_address(B)

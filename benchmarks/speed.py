@@ -42,8 +42,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shine.py, train.py, flops.py live at the root
 import flops  # noqa: E402
 import train  # noqa: E402
-from shine import (LLAMA_LINEARS, Shine, decoder_layers, decoding_layout, drop_lora_hooks, keep_lora_hooks,  # noqa: E402
-                   lora_applied, lora_merged, merge_lora, target_linears, unmerge_lora)
+from shine import (LLAMA_LINEARS, Shine, decoder_layers, decoding_layout, drop_lora_hooks,  # noqa: E402
+                   keep_lora_hooks, lora_applied, lora_merged, merge_lora, target_linears, unmerge_lora)
 
 CUDA = torch.cuda.is_available()
 PARTS = ("gen", "decode", "train", "compile")  # in this order: compile is the slowest and the riskiest
