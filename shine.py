@@ -214,7 +214,8 @@ def decoding_layout(lora: LoRA) -> LoRA:
     one H100, with one adapter per sequence, a compiled decoding step took 1.15x -> 1.07x the base's at batch 16
     and 1.20x -> 1.18x at batch 1 (results/speed_h100_compile_decoding_layout.json). Copies the adapter once:
     one kernel per module and factor (layers are stacked), not one per tensor. Eager decoding's cuBLAS matmuls
-    take either layout as it is (a transposed operand, no copy).
+    take either layout as it is (a transposed operand, no copy). Call it on factors already in the weights' dtype
+    (`generate_lora` gives them so): a cast in `lora_applied`, like the repeat for beams, makes default-layout copies.
     """
     layers = sorted(lora)
     out = {l: {} for l in layers}
