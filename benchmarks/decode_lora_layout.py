@@ -1,6 +1,6 @@
 """What a generated LoRA adds to a compiled decoding step, by the memory layout of its factors (issue 6).
 
-    python benchmarks/decode_lora_layout.py --out results/decode_lora_layout_h100.json   # ~1 minute on an H100
+    python benchmarks/decode_lora_layout.py --out results/speed_h100_decode_lora_layout.json   # ~1 min, one H100
     python benchmarks/decode_lora_layout.py --shape tiny --backend eager --out /tmp/l.json  # CPU smoke run (CI)
 
 A stack of Qwen3-8B-shaped layers holding only the seven target linears (attention is replaced by an elementwise
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--shape", choices=list(SHAPES), default="qwen3-8b")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (eager: smoke runs)")
     p.add_argument("--replays", type=int, default=50)
-    p.add_argument("--out", type=Path, default=Path("results/decode_lora_layout.json"))
+    p.add_argument("--out", type=Path, default=Path("results/speed_decode_lora_layout.json"))  # speed*: rendered
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -111,10 +111,9 @@ def main(argv=None) -> dict:
     keep_lora_hooks(model)
     for layer in model.layers:  # regional compilation, as Shine.compile_layers: one graph for all layers
         layer.forward = torch.compile(layer.forward, backend=args.backend, dynamic=False)
-    results = {}
+    results, memory = {}, num_memory_tokens(RANK, shapes, s["hidden"])
     for batch in BATCHES:
         x = torch.randn(batch, 1, s["hidden"], device=device, dtype=torch.bfloat16)
-        memory = num_memory_tokens(RANK, shapes, s["hidden"])
         states = torch.randn(batch, s["layers"], memory, s["hidden"], device=device)  # stands in for the M2P's output
         generated = {l: {n: (A.contiguous(), B.contiguous()) for n, (A, B) in m.items()}  # as speed.py's adapters
                      for l, m in lora_from_states(states, shapes, RANK, dtype=torch.bfloat16).items()}

@@ -48,9 +48,7 @@ def main(argv=None) -> dict:
     shapes, layers = lora_shapes(llm), range(llm.config.num_hidden_layers)
     lora = decoding_layout({l: {n: (factor(args.batch, i, rank), factor(args.batch, rank, o))
                                 for n, (i, o) in shapes.items()} for l in layers})
-    for A, B in (pair for modules in lora.values() for pair in modules.values()):
-        torch._dynamo.mark_static_address(A)
-        torch._dynamo.mark_static_address(B)
+    speed.mark_static(lora)
     prompt = speed.random_ids(args.batch, w["prompt"], llm.config.vocab_size, device)
     kwargs = speed.compiled_generate_kwargs(args.backend, fullgraph=True)
     n = args.tokens + 1  # the first new token comes from the (eager) prefill

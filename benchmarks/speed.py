@@ -256,6 +256,13 @@ def median_round(rounds: list[dict]) -> dict:
     return middle | {"ms_per_step_rounds": [r["ms_per_step"] for r in rounds]}
 
 
+def mark_static(lora: dict) -> None:
+    """Mark every factor's address static: else CUDA graphs copy all 2 x 7 x L tensors at every replay."""
+    for A, B in (pair for modules in lora.values() for pair in modules.values()):
+        torch._dynamo.mark_static_address(A)
+        torch._dynamo.mark_static_address(B)
+
+
 @torch.no_grad()
 def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
     llm, runs, errors = shine.llm, w["runs"]["compile"], []
@@ -263,9 +270,7 @@ def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
     loras = {b: decoding_layout(generated_lora(shine, b, w)) for b in DECODE_BATCHES}  # read fastest compiled
     prompts = {b: random_ids(b, w["prompt"], s.vocab, llm.device) for b in DECODE_BATCHES}
     for lora in loras.values():
-        for A, B in (pair for modules in lora.values() for pair in modules.values()):
-            torch._dynamo.mark_static_address(A)  # else CUDA graphs copy all 2 x 252 tensors at every replay
-            torch._dynamo.mark_static_address(B)
+        mark_static(lora)
     for fullgraph in (True, False):  # a graph break costs speed, not correctness: fall back and say so
         kwargs, out = compiled_generate_kwargs(args.compile_backend, fullgraph), {}
         try:
@@ -276,7 +281,8 @@ def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
                     modes["merged"] = partial(lora_merged, llm, loras[1], keep_on=None)
                 # each again once every graph exists, checking only the guards that tell the graphs apart: how
                 # much of a step is dynamo's guard evaluation on the host (every kept hook's adapter is guarded)
-                modes |= {f"{mode}{GUARDS_SKIPPED}": partial(guards_skipped, applied) for mode, applied in modes.items()}
+                modes |= {f"{mode}{GUARDS_SKIPPED}": partial(guards_skipped, applied)
+                          for mode, applied in modes.items()}
                 rounds = {mode: [] for mode in modes}
                 for r in range(COMPILE_ROUNDS):  # interleaved: the host's drift over the run hits every mode alike
                     for mode, applied in modes.items():
@@ -287,7 +293,7 @@ def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
                 out[f"b{b}"] = {mode: median_round(results) for mode, results in rounds.items()}
             for b, modes in out.items():
                 for mode in set(modes) - {"base", f"base{GUARDS_SKIPPED}"}:
-                    base = modes["base" + GUARDS_SKIPPED * mode.endswith(GUARDS_SKIPPED)]
+                    base = modes[f"base{GUARDS_SKIPPED}" if mode.endswith(GUARDS_SKIPPED) else "base"]
                     modes[mode]["x_base"] = modes[mode]["ms_per_step"] / base["ms_per_step"]
             break
         except Exception as error:  # noqa: BLE001 - reported in the JSON; the other parts still count
