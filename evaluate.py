@@ -159,13 +159,58 @@ def train_sft_lora(model, tokenizer, record: data.QARecord, rank: int, targets: 
 
 
 @torch.no_grad()
+def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  pad_token_id: int, eos_token_id: int | list[int] | None = None, cache=None, step=None,
+                  check_every: int = 8) -> torch.Tensor:
+    """Greedy continuations of left-padded prompts: input_ids, attention_mask (B, T) -> new tokens (B, N).
+
+    The tokens `model.generate(do_sample=False)` gives when the generation config adds no logits processors
+    (penalties and the like, which this does not apply): each row stops at its first EOS and is padded with
+    `pad_token_id` after it; N <= max_new_tokens is where the last row stopped. Unlike `generate`, the host
+    waits for the device only every `check_every` tokens (to see whether every row has stopped), not after each
+    one: a compiled decoding step of an 8B model at batch 1 is ~7 ms of GPU work on an H100, about what the host
+    needs to launch it (dynamo's guard checks, the LoRA hooks' included), so waiting every token leaves the GPU
+    idle for the host's share of every step (results/speed_h100_loop.json, benchmarks/README.md).
+
+    `cache`: a fresh KV cache, e.g. transformers' StaticCache(config, max_cache_len >= T + max_new_tokens), which
+    a compiled `step` needs; None lets the model grow its own. `step`: what runs each one-token step (default the
+    model; e.g. torch.compile(model.__call__, mode="reduce-overhead")); the prompt always runs on `model`. Every
+    call passes the same (B, T + max_new_tokens) mask, so a compiled step sees one shape for the whole answer.
+    """
+    eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=input_ids.device)
+    eos = eos.reshape(-1)  # one id or several
+    batch, length = input_ids.shape
+    grows = cache is None  # the model's own cache grows with each token, and so must the mask it is given
+    mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], 1)  # (B, T + N)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as generate's
+    out = model(input_ids=input_ids, attention_mask=mask[:, :length] if grows else mask,
+                position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache, step, position = out.past_key_values, step or model, positions[:, -1:]  # (B, 1)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    tokens, all_stopped = [], []
+    for i in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1).masked_fill(stopped, pad_token_id)  # (B,)
+        stopped = stopped | torch.isin(token, eos)
+        tokens.append(token)
+        all_stopped.append(stopped.all())
+        if i + 1 == max_new_tokens or (i + 1) % check_every == 0 and all_stopped[-1]:  # the only wait
+            break
+        position = position + 1
+        torch.compiler.cudagraph_mark_step_begin()  # a CUDA-graph step may reuse the last step's output memory
+        out = step(input_ids=token[:, None], attention_mask=mask[:, :length + i + 1] if grows else mask,
+                   position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    n = int(torch.stack(all_stopped).long().argmax()) + 1 if all_stopped[-1] else len(tokens)  # generate's N
+    return torch.stack(tokens[:n], 1)
+
+
+@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], lora, max_new_tokens: int) -> list[str]:
     """Greedy answers to left-padded prompts, each row with its own LoRA (or none)."""
     ids, mask = data.left_pad(prompts, tokenizer.pad_token_id, model.device)
     with lora_applied(model, lora) if lora is not None else nullcontext():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        out = greedy_decode(model, ids, mask, max_new_tokens, tokenizer.pad_token_id,
+                            model.generation_config.eos_token_id)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
 def sync(device) -> float:

@@ -18,6 +18,9 @@ Issue 6; benchmarks/README.md defines every number. Medians of repeated runs aft
   is the host checking guards); the modes alternate over three rounds, each reporting its median round. The LoRA
   hooks are kept attached (shine.keep_lora_hooks): dynamo skips hook guards by default, so a step compiled without
   them would silently be reused inside lora_applied, and kept hooks also spare a recompile per adapter.
+- loop: as compile, each answer made by evaluate.greedy_decode instead of HF generate: the same static cache and
+  CUDA-graph step (compiled like HF's), but the host waits for the GPU every 8 tokens instead of after each token,
+  so that it queues the next step (dynamo's guard checks included) while the GPU runs this one.
 - --compile-layers: gen and train with Shine.compile_layers (train.py's --compile).
 """
 import argparse
@@ -42,11 +45,12 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shine.py, train.py, flops.py live at the root
 import flops  # noqa: E402
 import train  # noqa: E402
+from evaluate import greedy_decode  # noqa: E402 - ours at the root, not Hugging Face's `evaluate`
 from shine import (LLAMA_LINEARS, Shine, decoder_layers, decoding_layout, drop_lora_hooks,  # noqa: E402
                    keep_lora_hooks, lora_applied, lora_merged, merge_lora, target_linears, unmerge_lora)
 
 CUDA = torch.cuda.is_available()
-PARTS = ("gen", "decode", "train", "compile")  # in this order: compile is the slowest and the riskiest
+PARTS = ("gen", "decode", "train", "compile", "loop")  # in this order: the compiled ones are the slowest and riskiest
 SHAPES = {  # backbone config (Qwen3-8B's public one, in shapes/), the issue's lengths, (warm-up, timed) runs per part
     "qwen3-8b": dict(config=Path(__file__).resolve().parent / "shapes" / "qwen3-8b",
                      context=1150, train_context=1141, answer=1150, prompt=200, new_tokens=64,
@@ -179,10 +183,13 @@ def linears_only(llm, tokens: int, w: dict, batch: int) -> dict:
                 "tflops": gemm_flops / r["ms"] / 1e9}
 
 
-def decode(llm, prompt: torch.Tensor, w: dict, runs: tuple[int, int], s: flops.Shape, **generate_kwargs) -> dict:
+def decode(llm, prompt: torch.Tensor, w: dict, runs: tuple[int, int], s: flops.Shape, answer=None,
+           **generate_kwargs) -> dict:
+    """Time N greedy tokens after `prompt` (B, T): HF generate with `generate_kwargs`, or `answer()` if given."""
     batch, n = prompt.shape[0], w["new_tokens"]
-    r = measure(lambda: llm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                     max_new_tokens=n, min_new_tokens=n, **generate_kwargs), *runs)
+    answer = answer or (lambda: llm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                             max_new_tokens=n, min_new_tokens=n, **generate_kwargs))
+    r = measure(answer, *runs)
     prefill = measure(lambda: llm(prompt, logits_to_keep=1), 1, 3)["ms"]
     log(f"  {(r['ms'] - prefill) / (n - 1):.2f} ms per decoding step at batch {batch}")  # kept by a killed run's log
     return r | {"tok_s": 1e3 * batch * n / r["ms"], "prefill_ms": prefill, "ms_per_step": (r["ms"] - prefill) / (n - 1),
@@ -229,14 +236,35 @@ def merge_time(llm, lora: dict, keep_on) -> float:
     return ms
 
 
+def compile_options(backend: str, fullgraph: bool) -> dict:
+    """torch.compile keywords of a decoding step: CUDA graphs with inductor (a mode only inductor takes)."""
+    return dict(fullgraph=fullgraph, backend=backend, mode="reduce-overhead" if backend == "inductor" else None)
+
+
 def compiled_generate_kwargs(backend: str, fullgraph: bool) -> dict:
     """generate() keywords for a static KV cache whose decoding step HF compiles (keep the LoRA hooks first)."""
     from transformers import CompileConfig
 
-    mode = "reduce-overhead" if backend == "inductor" else None  # torch.compile takes a mode only for inductor
-    config = CompileConfig(fullgraph=fullgraph, backend=backend, mode=mode)
+    config = CompileConfig(**compile_options(backend, fullgraph))
     config._compile_all_devices = True  # HF compiles on GPUs only unless told so; the CPU smoke run checks tracing
     return dict(cache_implementation="static", compile_config=config)
+
+
+def loop_answer(llm, prompt: torch.Tensor, n: int, backend: str, fullgraph: bool, step_cache: dict):
+    """`decode`'s answer() for the loop part: evaluate.greedy_decode over a static KV cache, its one-token step
+    compiled like HF's (`compile_options`); one step and one cache per batch size, kept in `step_cache`."""
+    from transformers import StaticCache
+
+    batch = prompt.shape[0]
+    if batch not in step_cache:  # HF's generate also keeps its cache and only resets it
+        step_cache[batch] = (torch.compile(llm.__call__, **compile_options(backend, fullgraph)),
+                             StaticCache(config=llm.config, max_cache_len=prompt.shape[1] + n))
+    step, cache = step_cache[batch]
+
+    def answer():
+        cache.reset()
+        return greedy_decode(llm, prompt, torch.ones_like(prompt), n, pad_token_id=0, cache=cache, step=step)
+    return answer
 
 
 GUARDS_SKIPPED = "_guards_skipped"
@@ -264,15 +292,18 @@ def mark_static(lora: dict) -> None:
 
 
 @torch.no_grad()
-def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
+def bench_compile(shine: Shine, s: flops.Shape, w: dict, args, loop: bool = False) -> dict:
+    """The compile part, or with `loop` the loop part: the same modes and rounds, each answer made by
+    evaluate.greedy_decode (the host waits for the GPU every 8 tokens, not after each) instead of HF generate."""
     llm, runs, errors = shine.llm, w["runs"]["compile"], []
+    torch._dynamo.reset()  # another part's graphs would count towards this one's recompile limit
     keep_lora_hooks(llm)  # before the first compile: see the module docstring
     loras = {b: decoding_layout(generated_lora(shine, b, w)) for b in DECODE_BATCHES}  # read fastest compiled
     prompts = {b: random_ids(b, w["prompt"], s.vocab, llm.device) for b in DECODE_BATCHES}
     for lora in loras.values():
         mark_static(lora)
     for fullgraph in (True, False):  # a graph break costs speed, not correctness: fall back and say so
-        kwargs, out = compiled_generate_kwargs(args.compile_backend, fullgraph), {}
+        kwargs, out, steps = compiled_generate_kwargs(args.compile_backend, fullgraph), {}, {}
         try:
             for b in DECODE_BATCHES:
                 modes = {"hooks": partial(lora_applied, llm, loras[b]), "base": nullcontext}
@@ -289,7 +320,9 @@ def bench_compile(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
                         first = f", fullgraph={fullgraph} (compiling takes a minute or two)" if r == 0 else ""
                         log(f"compile b{b}, round {r + 1}: {mode}{first}")
                         with applied():
-                            rounds[mode].append(decode(llm, prompts[b], w, runs, s, **kwargs))
+                            answer = loop_answer(llm, prompts[b], w["new_tokens"], args.compile_backend, fullgraph,
+                                                 steps) if loop else None
+                            rounds[mode].append(decode(llm, prompts[b], w, runs, s, answer, **kwargs))
                 out[f"b{b}"] = {mode: median_round(results) for mode, results in rounds.items()}
             for b, modes in out.items():
                 for mode in set(modes) - {"base", f"base{GUARDS_SKIPPED}"}:
@@ -443,7 +476,8 @@ def main(argv=None) -> dict:
             if part == "train":
                 results[part] = bench_train(shine, model, s, w, args, world, rank)
             else:
-                bench = {"gen": bench_gen, "decode": bench_decode, "compile": bench_compile}[part]
+                bench = {"gen": bench_gen, "decode": bench_decode, "compile": bench_compile,
+                         "loop": partial(bench_compile, loop=True)}[part]
                 results[part] = bench(shine, s, w, args)
         except Exception as error:  # noqa: BLE001 - an OOM or a crash in one part leaves the others standing
             traceback.print_exc()

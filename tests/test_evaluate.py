@@ -3,13 +3,14 @@ end on a tiny model from a config (with a real chat template), multi-turn histor
 import importlib.util
 import json
 import shutil
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 import data
 from conftest import ROOT, tiny_llama, tiny_qwen3
-from shine import Shine, ShineConfig
+from shine import Shine, ShineConfig, keep_lora_hooks, lora_applied
 from test_data import chat_tokenizer
 
 spec = importlib.util.spec_from_file_location("shine_evaluate", ROOT / "evaluate.py")  # not HF's `evaluate`
@@ -143,6 +144,50 @@ def test_squad_n_lengths_and_distractors(bench, squad_tokenizer):
     other, _ = ev.load_bench(bench, None, tok, seed=1)
     assert [r.context for r in again] == [r.context for r in records]
     assert [r.context for r in other] != [r.context for r in records]
+
+
+# ----------------------------------------------------------------------------- decoding
+def stopping_ids(model, ids, mask, steps=(3, 6, 9)):
+    """EOS ids picked from the model's own free-running greedy output, one per row, so that the rows stop at
+    different steps, all before 12 tokens."""
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)[:, ids.shape[1]:]
+    return [int(free[row, step]) for row, step in enumerate(steps)]
+
+
+@pytest.mark.parametrize("cache, check_every", [("grown", 1), ("grown", 3), ("grown", 8), ("static", 3),
+                                                ("static-compiled", 3)])
+def test_greedy_decode_gives_generates_tokens(cache, check_every):
+    """greedy_decode == HF generate(do_sample=False) token for token on three left-padded prompts, each row
+    stopping at its own EOS (padded after it), the output as long as generate's whatever the wait interval; with
+    the model's own cache, a static cache, and a static cache with the step compiled (dynamo's eager backend:
+    what it traces); without a LoRA and with one per row through the kept hooks."""
+    from transformers import StaticCache
+
+    from test_shine import random_lora
+
+    model = tiny_qwen3(init_range=0.2)  # peaked: greedy tokens well apart
+    torch.manual_seed(1)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3], mask[2, :1] = 0, 0
+    ids = torch.randint(3, 128, (3, 7)).masked_fill(mask == 0, 0)
+    keep_lora_hooks(model)  # before compiling: else the step traced without an adapter would run on with one
+    static = StaticCache(config=model.config, max_cache_len=7 + 12) if cache != "grown" else None
+    step = torch.compile(model.__call__, backend="eager", fullgraph=True) if cache == "static-compiled" else None
+    outputs = []
+    for lora in (None, random_lora(model, batch=3, std=0.3)):
+        with lora_applied(model, lora) if lora else nullcontext():
+            eos = stopping_ids(model, ids, mask)
+            expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                      pad_token_id=0, eos_token_id=eos)[:, 7:]
+            if static is not None:
+                static.reset()
+            got = ev.greedy_decode(model, ids, mask, 12, 0, eos, cache=static, step=step, check_every=check_every)
+        assert expected.shape[1] < 12 and len(set((expected == 0).sum(1).tolist())) > 1  # stopped apart
+        assert torch.equal(got, expected)
+        outputs.append(got)
+    torch._dynamo.reset()
+    assert outputs[0].shape != outputs[1].shape or not torch.equal(*outputs)  # the LoRA did reach the tokens
 
 
 # ----------------------------------------------------------------------------- methods end to end

@@ -1,5 +1,6 @@
 """benchmarks/speed.py at the tiny shape on the CPU (every part, the FSDP mode under torchrun), the compiled-decode
 set-up it relies on, the fused LoRA hook it measures, and the decoding layout and profile benchmarks beside it."""
+import itertools
 import json
 import math
 import os
@@ -58,7 +59,7 @@ def test_tiny_run_reports_every_part_with_finite_positive_numbers(tmp_path):
     every = {"base", "hooks", "merged", "base_after"}
     compiled = {"b1": {"base", "hooks", "merged"}, "b16": {"base", "hooks"}}  # interleaved rounds: no base_after
     compiled = {b: modes | {m + speed.GUARDS_SKIPPED for m in modes} for b, modes in compiled.items()}
-    for part, modes in (("decode", {"b1": every, "b16": every}), ("compile", compiled)):
+    for part, modes in (("decode", {"b1": every, "b16": every}), ("compile", compiled), ("loop", compiled)):
         assert {b: set(r[part][b]) for b in r[part]} == modes, part
         for b in modes:
             assert all(DECODE <= set(r[part][b][m]) for m in modes[b])
@@ -66,10 +67,10 @@ def test_tiny_run_reports_every_part_with_finite_positive_numbers(tmp_path):
             assert r[part][b]["hooks"]["x_base"] == pytest.approx(
                 r[part][b]["hooks"]["ms_per_step"] / r[part][b]["base"]["ms_per_step"])
     assert {"merge_ms", "merge_cpu_ms"} <= set(r["decode"]["b16"]["merged"])
-    for b, modes in compiled.items():  # each mode reports its median round of three
+    for part, (b, modes) in itertools.product(("compile", "loop"), compiled.items()):  # median round of three
         for m in modes:
-            rounds = r["compile"][b][m]["ms_per_step_rounds"]
-            assert len(rounds) == 3 and r["compile"][b][m]["ms_per_step"] == sorted(rounds)[1]
+            rounds = r[part][b][m]["ms_per_step_rounds"]
+            assert len(rounds) == 3 and r[part][b][m]["ms_per_step"] == sorted(rounds)[1]
     values = dict(leaves(r))
     assert not [p for p in values if "/error" in p]  # "/error", "/errors/0", ...
     numbers = {p: v for p, v in values.items() if not isinstance(v, str)}
@@ -97,7 +98,8 @@ def test_tiny_run_reports_every_part_with_finite_positive_numbers(tmp_path):
     assert decode["ms_per_step"] == pytest.approx((decode["ms"] - decode["prefill_ms"]) / 15)
     assert "aten::" in (tmp_path / "profile_train_ckpt.txt").read_text()
     table = stdout[stdout.index("TFLOP/s"):]
-    assert all(row in table for row in ("gen/bf16_b8", "decode/b16/hooks", "train/no_ckpt", "compile/b16/hooks"))
+    assert all(row in table for row in ("gen/bf16_b8", "decode/b16/hooks", "train/no_ckpt", "compile/b16/hooks",
+                                             "loop/b1/merged"))
 
 
 @pytest.mark.slow
