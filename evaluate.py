@@ -23,6 +23,7 @@ Notable choices:
   used 5 per context): an upper bound for SFT.
 """
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -181,11 +182,13 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     eos = eos.reshape(-1)  # one id or several
     batch, length = input_ids.shape
     grows = cache is None  # the model's own cache grows with each token, and so must the mask it is given
+    # transformers >= 5.24 calls the cache argument `cache` (`past_key_values` warns until 5.40 drops it)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], 1)  # (B, T + N)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as generate's
     out = model(input_ids=input_ids, attention_mask=mask[:, :length] if grows else mask,
-                position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache, step, position = out.past_key_values, step or model, positions[:, -1:]  # (B, 1)
+                position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    cache, step, position = getattr(out, cache_kw), step or model, positions[:, -1:]  # (B, 1)
     stopped = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     tokens, all_stopped = [], []
     for i in range(max_new_tokens):
@@ -198,7 +201,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         position = position + 1
         torch.compiler.cudagraph_mark_step_begin()  # a CUDA-graph step may reuse the last step's output memory
         out = step(input_ids=token[:, None], attention_mask=mask[:, :length + i + 1] if grows else mask,
-                   position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                   position_ids=position, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
     n = int(torch.stack(all_stopped).long().argmax()) + 1 if all_stopped[-1] else len(tokens)  # generate's N
     return torch.stack(tokens[:n], 1)
 

@@ -152,16 +152,18 @@ def profile(fn, path: Path, write: bool = True) -> None:
 # ----------------------------------------------------------------------------- the parts
 def bench_gen(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
     out, C = {}, w["context"]
-    for name, dtype, batch in (("fp32_autocast_b1", torch.float32, 1), ("bf16_b1", torch.bfloat16, 1),
-                               (f"bf16_b{GEN_BATCH}", torch.bfloat16, GEN_BATCH)):
+    bf16, b8 = torch.bfloat16, GEN_BATCH
+    for name, dtype, batch, merged in (("fp32_autocast_b1", torch.float32, 1, False), ("bf16_b1", bf16, 1, False),
+                                       (f"bf16_b{b8}", bf16, b8, False), (f"bf16_b{b8}_meta_merged", bf16, b8, True)):
         log(f"gen {name}")
         hypernetwork_to(shine, dtype)
         ids = random_ids(batch, C, s.vocab, shine.memory.device)
         fn = lambda: shine.generate_lora(ids, torch.ones_like(ids))
-        with torch.no_grad(), autocast() if dtype == torch.float32 else nullcontext():
+        with torch.no_grad(), autocast() if dtype == torch.float32 else nullcontext(), \
+                shine.meta_lora_merged() if merged else nullcontext():  # inference: the Meta-LoRA in weight copies
             r = measure(fn, *w["runs"]["gen"])
-            if args.profile == "gen" and name == "bf16_b1":
-                profile(fn, args.out.parent / "profile_gen.txt")
+            if args.profile == "gen" and batch == GEN_BATCH and not merged:  # the row furthest from its target
+                profile(fn, args.out.parent / f"profile_gen_b{GEN_BATCH}.txt")
         out[name] = r | {"ms_per_context": r["ms"] / batch, "contexts_s": 1e3 * batch / r["ms"],
                          "tflops": batch * flops.shine_flops(s, C)["total"] / r["ms"] / 1e9,
                          "predicted_gib": predicted_gib(s, C + shine.num_memory, batch, False, dtype.itemsize)}

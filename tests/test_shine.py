@@ -251,6 +251,34 @@ def test_padded_batch_gives_each_contexts_memory_states(qwen):
     torch.testing.assert_close(batch[1], shine.memory_states(b)[0], atol=1e-5, rtol=1e-4)
 
 
+def test_merged_meta_lora_gives_the_hooks_memory_states_and_refuses_training(qwen):
+    """Shine.meta_lora_merged: the memory pass on weights W + A B equals the hooked one (a padded batch, fp32), the
+    LLM's weights stay untouched and the copies go with the block; a pass that could train the Meta-LoRA, or one
+    after it changed, raises instead of silently using stale or gradient-free weights."""
+    shine = Shine(qwen, SMALL)
+    with torch.no_grad():
+        for p in shine.meta_lora.parameters():
+            p.normal_(0, 0.05)
+        shine.memory.normal_()
+    ids = torch.randint(1, 128, (2, 11))
+    mask = (torch.arange(11) >= torch.tensor([[0], [4]])).long()
+    weights = {k: v.clone() for k, v in qwen.state_dict().items()}
+    with torch.no_grad():
+        hooked, bare = shine.memory_states(ids, mask), Shine(qwen, SMALL).memory_states(ids, mask)
+        with shine.meta_lora_merged():
+            merged = shine.memory_states(ids, mask)
+    assert (hooked - bare).abs().max() > 1e-2  # the Meta-LoRA matters here
+    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(v, weights[k]) for k, v in qwen.state_dict().items()) and shine._meta_merged is None
+    with shine.meta_lora_merged():
+        with pytest.raises(RuntimeError, match="for inference"):
+            shine.memory_states(ids, mask)
+        with torch.no_grad():
+            shine.meta_lora.layers[0]["q_proj"].B.add_(1.0)
+            with pytest.raises(RuntimeError, match="stale"):
+                shine.memory_states(ids, mask)
+
+
 def test_memory_norm_scales_what_the_m2p_reads(qwen):
     with torch.no_grad():  # norm gains the backbone learned, not the ones it was built with
         for module in qwen.modules():

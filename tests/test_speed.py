@@ -20,7 +20,7 @@ import speed  # noqa: E402
 
 TINY = flops.Shape.from_config(speed.build_llm("tiny", torch.bfloat16, torch.device("cpu")).config)
 FIELDS = {  # every measurement the lead's table and the README need
-    "gen": ({"fp32_autocast_b1", "bf16_b1", "bf16_b8", "linears_only_b8"},
+    "gen": ({"fp32_autocast_b1", "bf16_b1", "bf16_b8", "bf16_b8_meta_merged", "linears_only_b8"},
             {"ms", "peak_gib", "ms_per_context", "contexts_s", "tflops"}),
     "train": ({"no_ckpt", "varied_lengths", "ckpt"}, {"ms", "peak_gib", "tok_s", "tflops", "mfu"}),
 }
