@@ -175,9 +175,11 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
     `cache`: a fresh KV cache, e.g. transformers' StaticCache(config, max_cache_len >= T + max_new_tokens), which
     a compiled `step` needs; None lets the model grow its own. `step`: what runs each one-token step (default the
-    model; e.g. torch.compile(model.__call__, mode="reduce-overhead")); the prompt always runs on `model`. Every
-    call passes the same (B, T + max_new_tokens) mask, so a compiled step sees one shape for the whole answer.
+    model; e.g. torch.compile(model.__call__, mode="reduce-overhead")); the prompt always runs on `model`. With a
+    cache given, every call passes the same (B, T + max_new_tokens) mask: a compiled step sees one shape per answer.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=input_ids.device)
     eos = eos.reshape(-1)  # one id or several
     batch, length = input_ids.shape

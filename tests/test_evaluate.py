@@ -188,6 +188,8 @@ def test_greedy_decode_gives_generates_tokens(cache, check_every):
         outputs.append(got)
     torch._dynamo.reset()
     assert outputs[0].shape != outputs[1].shape or not torch.equal(*outputs)  # the LoRA did reach the tokens
+    with pytest.raises(ValueError, match="at least 1"):
+        ev.greedy_decode(model, ids, mask, 0, 0)
 
 
 # ----------------------------------------------------------------------------- methods end to end
