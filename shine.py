@@ -180,9 +180,12 @@ def _add_lora(module: nn.Module, inputs: tuple, output: Tensor, A: Tensor, B: Te
     """output + scale * x A B: two matmul kernels per linear, the second adding into the linear's output in place
     (beta = 1). Out of place, cuBLAS would first copy the output (one more kernel and pass per linear: 252 copies
     per adapter generation at Qwen3-8B's shape, ~4% of it at batch 8). In place is safe for autograd: a linear's
-    backward needs its input and weight, never its output (and autograd would refuse otherwise). Under
-    torch.compile, decoding steps (a few tokens) take the sums instead, which Inductor fuses with their
-    neighbours, and nothing is added in place: Inductor plans its own buffers."""
+    backward needs its input and weight, never its output (and autograd would refuse otherwise).
+    Under torch.compile nothing is added in place (Inductor plans its own buffers). Decoding steps (a few tokens)
+    take the sums; longer inputs without autograd a matmul and a plain add, which Inductor fuses into the next
+    elementwise kernel where an addmm would first copy the output (batch-8 generation at Qwen3-8B's shape on one
+    H100: 371-374 -> 350 ms); with autograd the addmm stays (the plain add slowed the compiled training step there,
+    378 -> 410 ms: results/speed_h100_compiled_lora_add.json)."""
     x = inputs[0]
     if A.dtype != x.dtype:  # FSDP mixed precision: the weights were fp32 shards when the hooks were attached
         A, B = A.to(x.dtype), B.to(x.dtype)
@@ -195,12 +198,15 @@ def _add_lora(module: nn.Module, inputs: tuple, output: Tensor, A: Tensor, B: Te
         return output + scale * (rearrange(xA, "b t r -> b t r 1") * B).sum(-2)  # (b, t, O)
     if A.dim() == 2:  # one adapter for every sequence: a plain matmul over all tokens
         xA, out = x.reshape(-1, x.shape[-1]) @ A, output.reshape(-1, output.shape[-1])  # (b t, r), (b t, O)
-        add_in_place, add = torch.Tensor.addmm_, torch.addmm
+        mm, add_in_place, add = torch.mm, torch.Tensor.addmm_, torch.addmm
     else:  # bmm, not `@`: matmul's shape dispatch costs more CPU time per call than the kernel takes on a GPU
         xA, out = torch.bmm(x, A), output  # (b, t, r), (b, t, O)
-        add_in_place, add = torch.Tensor.baddbmm_, torch.baddbmm
-    in_place = not compiling and out.dtype == xA.dtype == B.dtype  # in-place ops skip autocast's casts
-    result = (add_in_place if in_place else add)(out, xA, B, alpha=scale)  # out + xA @ B
+        mm, add_in_place, add = torch.bmm, torch.Tensor.baddbmm_, torch.baddbmm
+    if compiling and not torch.is_grad_enabled():  # see the docstring
+        result = out + scale * mm(xA, B)
+    else:
+        in_place = not compiling and out.dtype == xA.dtype == B.dtype  # in-place ops skip autocast's casts
+        result = (add_in_place if in_place else add)(out, xA, B, alpha=scale)  # out + xA @ B
     return result.view_as(output) if A.dim() == 2 else result
 
 

@@ -596,6 +596,10 @@ def test_compiled_layers_equal_eager_and_reuse_one_graph_for_every_adapter(backe
     assert (logits(eager, lora) - logits(eager, None)).abs().max() > 1e-3
     for lora_or_none in (lora, None, lora):  # LoRA hooks added per block, not kept, would be skipped the 2nd time
         torch.testing.assert_close(logits(compiled, lora_or_none), logits(eager, lora_or_none))
+    ctx, ids = (torch.randint(0, 128, (2, 20), device=device) for _ in range(2))  # > FUSED_LORA_TOKENS, no grad:
+    with torch.no_grad():  # the hooks' matmul-and-add path, for the shared Meta-LoRA and for a LoRA per row
+        torch.testing.assert_close(compiled.memory_states(ctx), eager.memory_states(ctx), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits(compiled, lora), logits(eager, lora))
     with pytest.raises(RuntimeError, match="before enable_activation_checkpointing"):
         compiled.compile_layers(backend=backend)
     torch._dynamo.reset()
