@@ -33,6 +33,8 @@ Notable choices:
 - `lora_applied` lists the adapters in each linear's `shine_loras` and attaches one hook that adds them, removed
   when the block ends unless kept for torch.compile (`keep_lora_hooks`, `Shine.compile_layers`): a compiled graph
   guards on that attribute, so one graph serves every adapter of a shape and none runs stale without its adapter.
+- For inference, `Shine.meta_lora_merged()` runs the memory pass on copies of the targeted weights with the
+  Meta-LoRA folded in (no hooks: faster, at the price of the copies' memory); training always takes the hooks.
 - Activation checkpointing recomputes layers during backward, outside the `with` block.
   `Shine.enable_activation_checkpointing` therefore restores, during recomputation, the hooks and adapters that
   were active in the forward pass; Hugging Face's own gradient checkpointing would drop them silently, so Shine

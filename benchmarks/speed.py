@@ -8,7 +8,8 @@
 
 Issue 6; benchmarks/README.md defines every number. Medians of repeated runs after warm-up, timed by CUDA events
 (perf_counter on the CPU); peak memory per measurement next to App. B.6's prediction (flops.peak_memory).
-- gen: Shine.generate_lora on 1,150-token contexts (fp32 hypernetwork under bf16 autocast, bf16; batch 1 and 8).
+- gen: Shine.generate_lora on 1,150-token contexts (fp32 hypernetwork under bf16 autocast, bf16; batch 1 and 8;
+  batch 8 also inside Shine.meta_lora_merged, the Meta-LoRA folded into weight copies for inference).
 - decode: HF generate, 64 greedy tokens after a 200-token prompt, batch 1 and 16: base, merged, hooks.
 - train: one step of the pretraining shape as train.py runs it (cuDNN attention off), without and with activation
   checkpointing; MFU counts 3 x flops.py's forward FLOPs (backward = 2x forward) against --peak-tflops.
