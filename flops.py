@@ -13,9 +13,10 @@ FLOP, once Hugging Face's RoPE-table matmul (d*T FLOPs a forward) is added.
 Every function returns named terms (`out["llm/mlp"]`, `out["m2p/attn"]`, ...) and `out["total"]`.
 
 Paper versus ours. On Qwen3-8B's shape (K/V width H/4, MLP 3H) `llm_flops` is eqs. 19-27 exactly;
-`shine_flops(meta_rank=0, m2p_mlp="swiglu")` is eqs. 30-32 and `sft_flops(rank=0)` eq. 35. Our defaults add
-what our model computes: the Meta-LoRA (2R(in+out) per token and linear, `meta_lora`), an M2P with a plain
-GELU MLP of width 2H (8NH^2, not eq. 29's SwiGLU 12NH^2; packed qkv, whose biases are adds), and
+`shine_flops(meta_rank=0, m2p_mlp="swiglu", full_last_mlp=True)` is eqs. 30-32 and `sft_flops(rank=0)` eq. 35.
+Our defaults count what our model computes: the Meta-LoRA (2R(in+out) per token and linear, `meta_lora`), an M2P
+with a plain GELU MLP of width 2H (8NH^2, not eq. 29's SwiGLU 12NH^2; packed qkv, whose biases are adds), no
+last-layer MLP at the C context rows (nothing reads them: -6CHI, 1.8% of eq. 30 at C = 1150), and
 `lora/unmerged` (2r(in+out) per token and linear) when the generated LoRA runs as hooks instead of merged.
 Eq. 32 as printed ends in 2LM^2; eqs. 30 + 31 give 2L'M^2 (a typo, +0.8% at C = 1150; we follow 30-31).
 
@@ -117,12 +118,18 @@ def m2p_flops(L: int, M: int, H: int, layers: int = 4, mlp: str = "gelu", attent
 
 
 def shine_flops(s: Shape, context: int, rank: int = 8, m2p_layers: int = 4, meta_rank: int = 128,
-                m2p_mlp: str = "gelu") -> dict:
+                m2p_mlp: str = "gelu", full_last_mlp: bool = False) -> dict:
     """Amortizable FLOPs of SHINE (eq. 32): memory extraction over C+M tokens without LM head (eq. 30),
-    plus Meta-LoRA, plus the M2P (eq. 31). Parameter generation is a reshape: no FLOPs."""
+    plus Meta-LoRA, plus the M2P (eq. 31). Parameter generation is a reshape: no FLOPs. Like the LM head, the
+    last layer's MLP (and its Meta-LoRA) runs on the M memory rows only, as nothing reads its context rows;
+    `full_last_mlp` counts it over all C + M rows, as eq. 30 does."""
     M = memory_tokens(s, rank)
     out = llm_flops(s, context + M, logits=0, lora_rank=meta_rank)
     out.pop("total"), out.pop("llm/vocab")
+    if not full_last_mlp:
+        out["llm/mlp"] -= 3 * 2 * context * s.hidden * s.intermediate
+        if meta_rank:
+            out["llm/lora"] -= 2 * context * meta_rank * 3 * (s.hidden + s.intermediate)
     if meta_rank:
         out["meta_lora"] = out.pop("llm/lora")
     m2p = m2p_flops(s.layers, M, s.hidden, m2p_layers, m2p_mlp)
@@ -190,7 +197,8 @@ def compare(s: Shape, context: int, question: int, rank: int = 8, meta_rank: int
     """{row: {method: value}}: the CLI table and Figure 7. `paper`: no Meta-LoRA, SwiGLU M2P, merged LoRA."""
     if paper:
         meta_rank, merged = 0, True
-    amortizable = {"shine": shine_flops(s, context, rank, m2p_layers, meta_rank, "swiglu" if paper else "gelu"),
+    amortizable = {"shine": shine_flops(s, context, rank, m2p_layers, meta_rank, "swiglu" if paper else "gelu",
+                                        full_last_mlp=paper),
                    "sft": sft_flops(s, context, sft_steps, 0 if paper else rank)}
     gen = lambda m, kv: generation_flops(s, m, question, context, kv, rank, merged)["total"]
     mem = lambda m, kv, att="efficient": BF16 * peak_memory(s, m, question, context, kv, att)["total"] / GiB

@@ -8,6 +8,7 @@ causal). The one matmul the formulas leave out is Hugging Face's RoPE table, inv
 (1, T), 2 * (d/2) * T = d*T FLOPs per row of position ids, once per forward: we add it and ask for equality.
 """
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -64,15 +65,17 @@ def test_eqs_30_to_32_at_context_1150():
     # eq. 32 as printed ends in 2 L M^2 where eqs. 30 + 31 give 2 L' M^2
     printed = L * H * (23 * (C + M) * H + 4 * (C + M) ** 2 + 20 * M * Lp * H + 2 * L * Lp * M + 2 * L * M**2)
     assert printed != eq32 and abs(printed / eq32 - 1) < 0.01
-    out = flops.shine_flops(QWEN3_8B, C, rank=8, m2p_layers=4, meta_rank=0, m2p_mlp="swiglu")
+    out = flops.shine_flops(QWEN3_8B, C, rank=8, m2p_layers=4, meta_rank=0, m2p_mlp="swiglu", full_last_mlp=True)
     assert out["llm/attn_proj"] + out["llm/attn"] + out["llm/mlp"] == eq30
     assert out["m2p/attn_proj"] + out["m2p/attn"] + out["m2p/mlp"] == eq31
     assert out["total"] == eq32 == 26_208_194_789_376
     # our model: + Meta-LoRA (rank 128 on the 7 linears, not in eq. 30), GELU MLP of width 2H (8NH^2, not 12NH^2)
+    # and the last layer's MLP (with its Meta-LoRA) on the 148 memory rows only, not on the C context rows
     ours = flops.shine_flops(QWEN3_8B, C)
-    assert ours["meta_lora"] == 36 * 2 * 1298 * 128 * 75_776
+    unread_mlp, unread_meta = 3 * 2 * C * 4096 * 12288, 2 * C * 128 * 3 * (4096 + 12288)
+    assert ours["meta_lora"] == 36 * 2 * 1298 * 128 * 75_776 - unread_meta
     assert ours["m2p/mlp"] == 4 * 2 * 2 * (36 * 148) * 4096 * 8192
-    assert ours["total"] == eq32 + ours["meta_lora"] - 4 * 4 * (36 * 148) * 4096**2
+    assert ours["total"] == eq32 + ours["meta_lora"] - 4 * 4 * (36 * 148) * 4096**2 - unread_mlp
 
 
 def test_llm_forward_and_generation_eqs_22_27_36_39():
@@ -185,16 +188,18 @@ def test_measured_qwen3_8b_on_meta_device():
     x = torch.zeros(1, C + 148, 4096, device="meta")
     rope = llm.model.rotary_emb(x, torch.arange(C + 148, device="meta")[None])
 
-    def extract():
-        h = x
+    def extract(last_mlp_rows=None):  # None: the last MLP on every row
+        h, last_mlp = x, llm.model.layers[-1].mlp
         with shine.lora_applied(llm, model.meta_lora.as_lora()):
-            for layer in llm.model.layers:
-                out = layer(h, position_embeddings=rope, attention_mask=None)
-                h = out[0] if isinstance(out, tuple) else out
+            with shine._on_last_rows(last_mlp, last_mlp_rows) if last_mlp_rows else nullcontext():
+                for layer in llm.model.layers:
+                    out = layer(h, position_embeddings=rope, attention_mask=None)
+                    h = out[0] if isinstance(out, tuple) else out
 
     plain = flops.llm_flops(QWEN3_8B, C + 148, logits=0)["total"]
     assert measure(lambda: llm.model.layers[0](x, position_embeddings=rope, attention_mask=None)) == plain // 36
-    assert measure(extract) == flops.shine_flops(QWEN3_8B, C, m2p_layers=0)["total"]  # with the Meta-LoRA
+    assert measure(extract) == flops.shine_flops(QWEN3_8B, C, m2p_layers=0, full_last_mlp=True)["total"]
+    assert measure(lambda: extract(148)) == flops.shine_flops(QWEN3_8B, C, m2p_layers=0)["total"]  # as memory_states
     states = torch.zeros(1, 36, 148, 4096, device="meta")
     assert measure(lambda: model.m2p(states)) == flops.m2p_flops(36, 148, 4096, 4)["total"]
 

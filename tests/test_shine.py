@@ -251,6 +251,38 @@ def test_padded_batch_gives_each_contexts_memory_states(qwen):
     torch.testing.assert_close(batch[1], shine.memory_states(b)[0], atol=1e-5, rtol=1e-4)
 
 
+def test_memory_states_are_every_layers_output_at_the_memory_rows(qwen):
+    """Eqs. 1-3 against a plain forward: context embeddings then memory embeddings, Meta-LoRA hooks, every layer's
+    whole output kept; the memory states are its last M rows. The last layer's MLP saw only those M rows (its
+    context rows are read by nothing) and is whole again afterwards."""
+    shine = Shine(qwen, SMALL)
+    with torch.no_grad():
+        for p in shine.meta_lora.parameters():
+            p.normal_(0, 0.05)
+        shine.memory.normal_()
+    ids, M = torch.randint(1, 128, (2, 9)), shine.num_memory
+    mask = (torch.arange(9) >= torch.tensor([[0], [3]])).long()
+    last_mlp = qwen.model.layers[-1].mlp
+    rows_seen = []
+    seen = last_mlp.down_proj.register_forward_hook(lambda m, inputs, out: rows_seen.append(inputs[0].shape[1]))
+    with torch.no_grad():
+        got = shine.memory_states(ids, mask)
+        x = torch.cat([qwen.get_input_embeddings()(ids), shine.memory.expand(2, M, -1)], 1)
+        full_mask = torch.cat([mask, torch.ones(2, M, dtype=torch.long)], 1)
+        outputs = []
+        keep = [layer.register_forward_hook(lambda m, inputs, out: outputs.append(out[0] if isinstance(out, tuple)
+                                                                                 else out))
+                for layer in qwen.model.layers]
+        with lora_applied(qwen, shine.meta_lora.as_lora()):
+            qwen.model(inputs_embeds=x, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0))
+        for handle in (seen, *keep):
+            handle.remove()
+    assert rows_seen == [M, 9 + M]  # memory_states, then the plain forward
+    assert "forward" not in last_mlp.__dict__
+    expected = torch.stack([out[:, -M:] for out in outputs], dim=1)  # (B, L, M, H)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_merged_meta_lora_gives_the_hooks_memory_states_and_refuses_training(qwen):
     """Shine.meta_lora_merged: the memory pass on weights W + A B equals the hooked one (a padded batch, fp32), the
     LLM's weights stay untouched and the copies go with the block; a pass that could train the Meta-LoRA, or one
