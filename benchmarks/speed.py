@@ -163,8 +163,8 @@ def bench_gen(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
         with torch.no_grad(), autocast() if dtype == torch.float32 else nullcontext(), \
                 shine.meta_lora_merged() if merged else nullcontext():  # inference: the Meta-LoRA in weight copies
             r = measure(fn, *w["runs"]["gen"])
-            if args.profile == "gen" and batch == GEN_BATCH and not merged:  # the row furthest from its target
-                profile(fn, args.out.parent / f"profile_gen_b{GEN_BATCH}.txt")
+            if args.profile == "gen" and batch == GEN_BATCH:  # the rows measured against the 25 contexts/s
+                profile(fn, args.out.parent / f"profile_gen_{name}.txt")
         out[name] = r | {"ms_per_context": r["ms"] / batch, "contexts_s": 1e3 * batch / r["ms"],
                          "tflops": batch * flops.shine_flops(s, C)["total"] / r["ms"] / 1e9,
                          "predicted_gib": predicted_gib(s, C + shine.num_memory, batch, False, dtype.itemsize)}
