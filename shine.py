@@ -19,7 +19,8 @@ Notable choices:
   memory states are a slice rather than a gather; position ids come from the attention mask, so a padded row
   sees the same rotary positions as it would alone.
 - Memory states are the decoder layers' outputs (before the final norm), read by hooks; the LM head never runs
-  over the context, nor does the last layer's MLP (only its memory rows are read). The answer loss runs the LM head only on answer positions (no (B, T, V) logits).
+  over the context, nor does the last layer's MLP (only its memory rows are read). The answer loss runs the LM
+  head only on answer positions (no (B, T, V) logits).
 - The M2P reads the raw memory states, as the paper and the authors' code, unless `memory_norm` says otherwise:
   "rms" (each state divided by its RMS) let the context reach SmolLM2-135M's LoRA 2.5x faster in a short probe,
   because raw states carry context-independent massive activations that saturate the first block's attention.
