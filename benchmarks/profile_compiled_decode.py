@@ -52,8 +52,7 @@ def main(argv=None) -> dict:
     prompt = speed.random_ids(args.batch, w["prompt"], llm.config.vocab_size, device)
     kwargs = speed.compiled_generate_kwargs(args.backend, fullgraph=True)
     n = args.tokens + 1  # the first new token comes from the (eager) prefill
-    generate = lambda: llm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                    max_new_tokens=n, min_new_tokens=n, **kwargs)
+    generate = speed.greedy_tokens(llm, prompt, n, **kwargs)
     modes = {"base": nullcontext, "hooks": partial(lora_applied, llm, lora)}
     for applied in modes.values():  # compile every graph before any guard is skipped
         with applied(), torch.no_grad():

@@ -186,12 +186,18 @@ def linears_only(llm, tokens: int, w: dict, batch: int) -> dict:
                 "tflops": gemm_flops / r["ms"] / 1e9}
 
 
+def greedy_tokens(llm, prompt: torch.Tensor, n: int, **generate_kwargs):
+    """A callable that answers `prompt` (B, T) with exactly n greedy tokens (no EOS stops it) via HF generate."""
+    ones = torch.ones_like(prompt)
+    return lambda: llm.generate(prompt, attention_mask=ones, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                **generate_kwargs)
+
+
 def decode(llm, prompt: torch.Tensor, w: dict, runs: tuple[int, int], s: flops.Shape, answer=None,
            **generate_kwargs) -> dict:
     """Time N greedy tokens after `prompt` (B, T): HF generate with `generate_kwargs`, or `answer()` if given."""
     batch, n = prompt.shape[0], w["new_tokens"]
-    answer = answer or (lambda: llm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                             max_new_tokens=n, min_new_tokens=n, **generate_kwargs))
+    answer = answer or greedy_tokens(llm, prompt, n, **generate_kwargs)
     r = measure(answer, *runs)
     prefill = measure(lambda: llm(prompt, logits_to_keep=1), 1, 3)["ms"]
     log(f"  {(r['ms'] - prefill) / (n - 1):.2f} ms per decoding step at batch {batch}")  # kept by a killed run's log
@@ -211,9 +217,7 @@ def bench_decode(shine: Shine, s: flops.Shape, w: dict, args) -> dict:
         with lora_applied(llm, loras[b]):
             out[f"b{b}"]["hooks"] = decode(llm, prompts[b], w, runs, s)
             if args.profile == "decode" and b == 1:
-                ones = torch.ones_like(prompts[1])
-                profile(lambda: llm.generate(prompts[1], attention_mask=ones, do_sample=False, max_new_tokens=16,
-                                             min_new_tokens=16), args.out.parent / "profile_decode.txt")
+                profile(greedy_tokens(llm, prompts[1], 16), args.out.parent / "profile_decode.txt")
     log("decode: merged")
     merge_times = {"merge_ms": merge_time(llm, loras[1], keep_on=None),
                    "merge_cpu_ms": merge_time(llm, loras[1], keep_on="cpu")}
