@@ -100,12 +100,13 @@ for cmd in "$@"; do
   case $cmd in
     timing)  # the bundled samples (the preset's data): same kinds of text, ready in seconds
       $PY benchmarks/shine_135m.py params --model "$MODEL" --meta-ranks "32,$META_RANK,48" $TRAIN_EXTRA
-      for spec in "pretrain $PRETRAIN_BATCH" "ift-mqa $MQA_BATCH" "ift-1qa $ONEQA_BATCH"; do
-        read -r stage batch <<< "$spec"
+      for spec in "pretrain $PRETRAIN_BATCH $PRETRAIN_CONTEXT" "ift-mqa $MQA_BATCH $MAX_CONTEXT" \
+                  "ift-1qa $ONEQA_BATCH $MAX_CONTEXT"; do
+        read -r stage batch context <<< "$spec"
         rm -rf "$RUN/timing/$stage" && mkdir -p "$RUN/timing"
         $PY train.py --stage "$stage" --preset smollm2 --model "$MODEL" --out-dir "$RUN/timing/$stage" \
           --meta-lora-rank "$META_RANK" --lora-scale "$LORA_SCALE" --memory-norm "$MEMORY_NORM" \
-          --max-context "$MAX_CONTEXT" \
+          --max-context "$context" \
           --max-steps "$TIMING_STEPS" --batch-size "$batch" \
           --grad-accum 1 --eval-every 1000000 --save-every 1000000 $TRAIN_EXTRA > "$RUN/timing/$stage.log" 2>&1 \
           || { tail -20 "$RUN/timing/$stage.log"; exit 1; }
