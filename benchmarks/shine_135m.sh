@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 # the shipped checkpoint's recipe: 14.5 minutes of compiled training steps on one H200 (18.6 minutes of calls with
 # loading, encoding and exports; each stage < 7). Compiling (train.py --compile, 20-60 s per stage) bought ~1.4x the
 # steps per minute of the eager recipe before it (950 + 420 x 32 + 800 steps, 17.8 minutes on an H100).
-: "${COMPILE:=inductor}"
+: "${COMPILE=inductor}"  # "=" not ":=": an empty COMPILE= means eager
 # LORA_SCALE 2.7e-4 rather than 2.7e-3 lets the context reach the LoRA ~4x faster (benchmarks/channel_probe.py);
 # short pretraining texts buy more steps in the same minutes and cost nothing in held-out loss (README, trials);
 # MEMORY_NORM rms: the M2P reads RMS-normalized memory states, the channel was 2.5x larger after 400 probe steps
