@@ -327,10 +327,10 @@ def test_timing_picks_steps_from_the_median(tmp_path, capsys):
         (tmp_path / "timing" / stage / "log.jsonl").write_text(
             "\n".join(json.dumps({"ms": ms, "tok_s": 1.0}) for ms in (1000, 900, 800, 100, 100, 120, 110)))
     out = helpers.timing(tmp_path, dict.fromkeys(helpers.STAGES, 1.0), dict.fromkeys(helpers.STAGES, 30.0))
-    # 60 s of budget - 30 s of preparation - 2.495 s of warm-up (3.23 s logged, 7 x 105 ms typical) = 27.505 s
-    assert out["ift-1qa"]["ms_per_step"] == 105 and out["ift-1qa"]["warmup_s"] == pytest.approx(2.495)
-    assert out["ift-1qa"]["suggested_steps"] == 261  # 27.505 s / 105 ms
-    assert "export PRETRAIN_STEPS=261 MQA_STEPS=261 ONEQA_STEPS=261" in capsys.readouterr().out
+    # 60 s of budget - 30 s of preparation - 2.395 s of warm-up (3.13 s logged, 7 x 105 ms typical) = 27.605 s
+    assert out["ift-1qa"]["ms_per_step"] == 105 and out["ift-1qa"]["warmup_s"] == pytest.approx(2.395)
+    assert out["ift-1qa"]["suggested_steps"] == 262  # 27.605 s / 105 ms
+    assert "export PRETRAIN_STEPS=262 MQA_STEPS=262 ONEQA_STEPS=262" in capsys.readouterr().out
 
 
 def driver(*commands, **env):
