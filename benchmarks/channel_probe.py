@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
                    help="shine.MEMORY_NORMS: how the M2P reads the memory states (default: the smollm2 preset's)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--meta-lora-rank", type=int, default=PRESET["meta_lora_rank"])
+    p.add_argument("--lora-rank", type=int, default=ShineConfig.lora_rank,
+                   help="r of the generated LoRA; the memory tokens grow with it (M = ceil(rD/H))")
     p.add_argument("--ctx", type=int, default=128, help="tokens per text")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)
@@ -118,8 +120,8 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         data.avoid_cudnn_attention()
     llm, tokenizer = data.load_backbone(args.model, torch.bfloat16 if device.type == "cuda" else None, device)
-    shine = Shine(llm, ShineConfig(meta_lora_rank=args.meta_lora_rank, lora_scale=args.lora_scale,
-                                   memory_norm=args.memory_norm)).to(device)
+    shine = Shine(llm, ShineConfig(lora_rank=args.lora_rank, meta_lora_rank=args.meta_lora_rank,
+                                   lora_scale=args.lora_scale, memory_norm=args.memory_norm)).to(device)
     rng, eot, pad_id = random.Random(args.seed), train.eot_id(tokenizer), tokenizer.pad_token_id
     example = lambda ids: train.pretrain_example(tokenizer, [ids], rng, eot, recon_prob=1.0)
     pool = text_chunks(tokenizer, [t for f in args.texts.split(",") for t in data.load_texts(f)], args.ctx)
@@ -129,7 +131,7 @@ def main(argv=None) -> dict:
     optimizer = train.make_optimizer(shine, cfg)
     autocast = lambda: torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     report = {"config": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "train_texts": len(pool), "curve": []}
+              "train_texts": len(pool), "memory_tokens": shine.num_memory, "curve": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

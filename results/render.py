@@ -140,6 +140,22 @@ def probe_rows(runs: dict) -> tuple[list[int], list[list[str]]]:
     return marks, rows
 
 
+def lever_table(levers: dict) -> str:
+    """channel_probe.py runs that change one setting of the recipe's: the channel where each run stopped."""
+    step = levers["compiled_pretrain_step"]
+    per_batch = ", ".join(f"{r['ms']} ms at batch {b}" for b, r in step["by_batch"].items())
+    rows = []
+    for name, r in levers["runs"].items():
+        c, last = r["config"], r["curve"][-1]
+        rows.append([name, str(c["batch_size"]), f"{c['lr']:g}", str(c["lora_rank"]), str(c["seed"]), r["setting"],
+                     str(last["step"]), f"{last['channel']:+.3f}",
+                     f"{last['own']:.3f} / {last['other']:.3f} / {last['none']:.3f}"])
+    return ("**Levers for more channel per GPU minute**: the same probe with one setting changed; train.py's compiled "
+            f"pretraining step ({step['device']}): {per_batch}." + note(levers) + "\n\n"
+            + markdown_table(["run", "batch", "lr", "r", "seed", "how", "last step", "channel", "own / other / none"],
+                             rows))
+
+
 def channel_tables(probe: dict | None) -> list[str]:
     """benchmarks/channel_probe.py by LoRA scale s and by memory_norm: how much of the held-out loss comes from the
     text's own LoRA; then the recipe trials."""
@@ -156,6 +172,8 @@ def channel_tables(probe: dict | None) -> list[str]:
         tables.append("**The same channel by `memory_norm`**: what the M2P reads, raw memory states (the paper) or "
                       "each divided by its RMS or put through the backbone's own next norm (`shine.MEMORY_NORMS`)."
                       + note(norms) + "\n\n" + markdown_table(["memory_norm", *columns(marks)], rows))
+    if levers := probe.get("levers"):
+        tables.append(lever_table(levers))
     if trials := probe.get("trials"):
         fmt = lambda v, spec: format(v, spec) if v is not None else "–"
         scale = lambda x: f"{x:.1e}".replace("e-0", "e-")

@@ -18,7 +18,7 @@ from conftest import ROOT, tiny_qwen3
 
 import data
 import train
-from shine import Shine, ShineConfig
+from shine import Shine, ShineConfig, lora_shapes, num_memory_tokens
 from test_data import chat_tokenizer
 
 
@@ -142,6 +142,29 @@ def test_table1_names_each_rows_machine_when_methods_ran_on_several():
     assert "| SHINE | 55.6 | 40.0 | 0.300 | 2.500 | Intel Xeon (2 cores) |" in lines
 
 
+def probe_run(channels: list[float], every: int = 100, **config) -> dict:
+    """A channel_probe.py report whose channel at step every * (i + 1) is channels[i] (own 3.9, none 4.3)."""
+    curve = [{"step": every * (i + 1), "own": 3.9, "other": 3.9 + c, "none": 4.3, "channel": c}
+             for i, c in enumerate(channels)]
+    return {"config": {"lr": 5e-4, "batch_size": 32, "lora_rank": 8, "seed": 0, **config}, "curve": curve}
+
+
+def test_channel_tables_mark_every_100_steps_and_list_the_levers():
+    probe = {"note": "one H100", "runs": {"2.7e-4": probe_run([0.01, 0.05]), "2.7e-3": probe_run([0.0, 0.02, 0.03])},
+             "levers": {"note": "one H200", "compiled_pretrain_step": {"device": "NVIDIA H200", "by_batch": {
+                 "32": {"ms": 247}, "128": {"ms": 601}}}, "runs": {
+                 "batch 128": {"setting": "alone", **probe_run([0.04, 0.136], every=94, batch_size=128, lr=1e-3)}}}}
+    scales, levers = render.channel_tables(probe)
+    lines = scales.splitlines()
+    assert "| s | lr | step 100 | step 200 | last step | own / other / none |" in lines  # steps both runs reached
+    assert "| 2.7e-4 | 0.0005 | +0.010 | +0.050 | 200 | 3.900 / 3.950 / 4.300 |" in lines
+    assert "| 2.7e-3 | 0.0005 | +0.000 | +0.020 | 300 | 3.900 / 3.930 / 4.300 |" in lines
+    lines = levers.splitlines()
+    assert "(NVIDIA H200): 247 ms at batch 32, 601 ms at batch 128." in lines[0]
+    assert lines[2] == "_one H200._"
+    assert "| batch 128 | 128 | 0.001 | 8 | 0 | alone | 188 | +0.136 | 3.900 / 4.036 / 4.300 |" in lines
+
+
 def test_no_results_renders_a_notice(tmp_path):
     assert render.render(tmp_path).startswith("_No results yet")
 
@@ -252,9 +275,12 @@ def test_text_chunks_are_consecutive_and_keep_long_enough_tails():
 def test_probe_runs_end_to_end_and_writes_its_curve(tiny_backbone_dir, tmp_path):
     out = tmp_path / "probe.json"
     report = probe.main(["--model", str(tiny_backbone_dir), "--steps", "3", "--eval-every", "2", "--val", "4",
-                         "--batch-size", "2", "--ctx", "24", "--meta-lora-rank", "4", "--lr", "1e-3",
+                         "--batch-size", "2", "--ctx", "24", "--meta-lora-rank", "4", "--lora-rank", "3", "--lr", "1e-3",
                          "--out", str(out)])
     assert [p["step"] for p in report["curve"]] == [0, 2, 3]
+    llm = data.load_backbone(str(tiny_backbone_dir))[0]  # M = ceil(r D / H) for the rank asked for
+    shapes, hidden = lora_shapes(llm), llm.config.hidden_size
+    assert report["memory_tokens"] == num_memory_tokens(3, shapes, hidden) > num_memory_tokens(2, shapes, hidden)
     assert json.loads(out.read_text())["curve"] == report["curve"]
     for point in report["curve"]:
         assert all(math.isfinite(point[k]) for k in ("own", "other", "none", "channel"))
