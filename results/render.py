@@ -158,7 +158,7 @@ def lever_table(levers: dict) -> str:
 
 def channel_tables(probe: dict | None) -> list[str]:
     """benchmarks/channel_probe.py by LoRA scale s and by memory_norm: how much of the held-out loss comes from the
-    text's own LoRA; then the recipe trials."""
+    text's own LoRA; then the levers (batch, lr, rank) and the recipe trials."""
     if probe is None:
         return []
     columns = lambda marks: ["lr", *(f"step {s}" for s in marks), "last step", "own / other / none"]
