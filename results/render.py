@@ -140,6 +140,11 @@ def probe_rows(runs: dict) -> tuple[list[int], list[list[str]]]:
     return marks, rows
 
 
+def scale_text(s: float) -> str:
+    """A LoRA scale as the README writes it: 2.7e-4."""
+    return f"{s:.1e}".replace("e-0", "e-")
+
+
 def lever_table(levers: dict) -> str:
     """channel_probe.py runs that change one setting of the recipe's: the channel where each run stopped."""
     step = levers["compiled_pretrain_step"]
@@ -147,12 +152,13 @@ def lever_table(levers: dict) -> str:
     rows = []
     for name, r in levers["runs"].items():
         c, last = r["config"], r["curve"][-1]
-        rows.append([name, str(c["batch_size"]), f"{c['lr']:g}", str(c["lora_rank"]), str(c["seed"]), r["setting"],
+        rows.append([name, str(c["batch_size"]), f"{c['lr']:g}", str(c["lora_rank"]), scale_text(c["lora_scale"]),
+                     str(c["seed"]), r["setting"],
                      str(last["step"]), f"{last['channel']:+.3f}",
                      f"{last['own']:.3f} / {last['other']:.3f} / {last['none']:.3f}"])
     return ("**Levers for more channel per GPU minute**: the same probe with one setting changed; train.py's compiled "
             f"pretraining step ({step['device']}): {per_batch}." + note(levers) + "\n\n"
-            + markdown_table(["run", "batch", "lr", "r", "seed", "how", "last step", "channel", "own / other / none"],
+            + markdown_table(["run", "batch", "lr", "r", "s", "seed", "how", "last step", "channel", "own / other / none"],
                              rows))
 
 
@@ -176,8 +182,7 @@ def channel_tables(probe: dict | None) -> list[str]:
         tables.append(lever_table(levers))
     if trials := probe.get("trials"):
         fmt = lambda v, spec: format(v, spec) if v is not None else "–"
-        scale = lambda x: f"{x:.1e}".replace("e-0", "e-")
-        rows = [[t["name"], scale(t["lora_scale"]), str(t["pretrain_context"]), f"{t['steps']} × {t['batch']}",
+        rows = [[t["name"], scale_text(t["lora_scale"]), str(t["pretrain_context"]), f"{t['steps']} × {t['batch']}",
                  f"{t['val_recon_loss']:.3f} / {t['val_comp_loss']:.3f}", fmt(t["squad_shine_f1"], ".1f"), t["remark"]]
                 for t in trials]
         tables.append("**Recipe trials** (`benchmarks/shine_135m.sh` stages, not shipped): held-out reconstruction "

@@ -146,7 +146,7 @@ def probe_run(channels: list[float], every: int = 100, **config) -> dict:
     """A channel_probe.py report whose channel at step every * (i + 1) is channels[i] (own 3.9, none 4.3)."""
     curve = [{"step": every * (i + 1), "own": 3.9, "other": 3.9 + c, "none": 4.3, "channel": c}
              for i, c in enumerate(channels)]
-    return {"config": {"lr": 5e-4, "batch_size": 32, "lora_rank": 8, "seed": 0, **config}, "curve": curve}
+    return {"config": {"lr": 5e-4, "batch_size": 32, "lora_rank": 8, "lora_scale": 2.7e-4, "seed": 0, **config}, "curve": curve}
 
 
 def test_channel_tables_mark_every_100_steps_and_list_the_levers():
@@ -162,7 +162,7 @@ def test_channel_tables_mark_every_100_steps_and_list_the_levers():
     lines = levers.splitlines()
     assert "(NVIDIA H200): 247 ms at batch 32, 601 ms at batch 128." in lines[0]
     assert lines[2] == "_one H200._"
-    assert "| batch 128 | 128 | 0.001 | 8 | 0 | alone | 188 | +0.136 | 3.900 / 4.036 / 4.300 |" in lines
+    assert "| batch 128 | 128 | 0.001 | 8 | 2.7e-4 | 0 | alone | 188 | +0.136 | 3.900 / 4.036 / 4.300 |" in lines
 
 
 def test_no_results_renders_a_notice(tmp_path):
