@@ -153,8 +153,7 @@ def lever_table(levers: dict) -> str:
     for name, r in levers["runs"].items():
         c, last = r["config"], r["curve"][-1]
         rows.append([name, str(c["batch_size"]), f"{c['lr']:g}", str(c["lora_rank"]), scale_text(c["lora_scale"]),
-                     str(c["seed"]), r["setting"],
-                     str(last["step"]), f"{last['channel']:+.3f}",
+                     str(c["seed"]), r["setting"], str(last["step"]), f"{last['channel']:+.3f}",
                      f"{last['own']:.3f} / {last['other']:.3f} / {last['none']:.3f}"])
     return ("**Levers for more channel per GPU minute**: the same probe with one setting changed; train.py's compiled "
             f"pretraining step ({step['device']}): {per_batch}." + note(levers) + "\n\n"
@@ -164,7 +163,7 @@ def lever_table(levers: dict) -> str:
 
 def channel_tables(probe: dict | None) -> list[str]:
     """benchmarks/channel_probe.py by LoRA scale s and by memory_norm: how much of the held-out loss comes from the
-    text's own LoRA; then the levers (batch, lr, rank) and the recipe trials."""
+    text's own LoRA; then the levers (batch, lr, rank r, scale s) and the recipe trials."""
     if probe is None:
         return []
     columns = lambda marks: ["lr", *(f"step {s}" for s in marks), "last step", "own / other / none"]
